@@ -1,0 +1,1 @@
+"""The ``effml`` command line: ``train`` (Hydra), ``list``, ``report``."""

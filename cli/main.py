@@ -1,0 +1,55 @@
+"""``effml`` entry point: dispatches to the subcommands; bad input ends as one line, exit code 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from effml.errors import EffmlError
+
+USAGE = """usage: effml <command> [args]
+
+commands:
+  train [overrides]        train a recipe: effml train recipe=magnitude_lenet seed=1
+  train -m [sweeps]        a Hydra multirun grid: effml train -m recipe=magnitude_lenet seed=0,1,2
+  list WHAT                what exists: recipes | models | data | compressors | hardware
+  report PATH...           re-render the summary of finished runs under PATH
+
+`effml train --help` lists every config group and field.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("WANDB_MODE", "offline")  # runs offline unless the user opts in
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    if args[0] == "--version":
+        from effml import __version__
+
+        print(f"effml {__version__}")
+        return 0
+    command, rest = args[0], args[1:]
+    try:
+        if command == "train":
+            from effml.cli.train import train
+
+            return train(rest)
+        if command == "list":
+            from effml.cli.listing import list_command
+
+            return list_command(rest)
+        if command == "report":
+            from effml.cli.listing import report_command
+
+            return report_command(rest)
+        raise EffmlError(f"unknown command '{command}'; choose from: train, list, report")
+    except EffmlError as e:
+        print(f"effml: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The compressor contract (DESIGN.md §3).
+
+A compressor is a Lightning ``Callback`` with a typed config. The runner calls, in order:
+
+1. ``attach(model)`` once, before any checkpoint is loaded: wrap or reparametrize the model, so a
+   resumed run's checkpoint keys match;
+2. for each of its ``stages()`` (a stage is one ``Trainer.fit``): ``begin_stage(stage, task)``,
+   then the fit, during which Lightning calls the usual callback hooks and the task adds
+   ``loss(task, batch, logits)`` to the training loss;
+3. ``finalize(model, hardware)``: make the compression real (permanent masks, smaller modules,
+   kernel conversion), then ``report()``: what it did, as numbers.
+
+``state_dict``/``load_state_dict`` hold everything needed to resume exactly; Lightning stores them
+in every checkpoint under ``state_key`` and the runner in every finished stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One ``Trainer.fit``. ``max_epochs=None`` means ``trainer.max_epochs``."""
+
+    name: str
+    max_epochs: int | None = None
+    owner: str = ""  # the compressor that declared it
+
+
+@dataclass
+class CompressorConfig:
+    """Fields every compressor config has."""
+
+    name: str = "none"
+
+
+class Compressor(L.Callback):
+    """Base class: every hook is a no-op, a method overrides only what it needs."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def state_key(self) -> str:
+        return f"compressor/{self.name}"
+
+    def stages(self) -> list[Stage]:
+        return [Stage("train", owner=self.name)]
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def begin_stage(self, stage: Stage, task: L.LightningModule) -> None:
+        """Called before every stage's fit (also stages other compressors own)."""
+
+    def loss(self, task: L.LightningModule, batch: dict, logits: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+    def finalize(self, model: nn.Module, hardware: Any) -> nn.Module:
+        return model
+
+    def target_sparsity(self) -> float | None:
+        """The fraction of prunable weights this method sets to zero, where it has one."""
+        return None
+
+    def report(self) -> dict[str, Any]:
+        return {}

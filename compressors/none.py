@@ -1,0 +1,16 @@
+"""The dense baseline: trains the model as it is, so every table has its reference row."""
+
+from dataclasses import dataclass
+
+from effml.compressors.base import Compressor, CompressorConfig
+from effml.registry import COMPRESSORS
+
+
+@dataclass
+class NoneConfig(CompressorConfig):
+    name: str = "none"
+
+
+@COMPRESSORS.register("none", NoneConfig)
+class NoCompression(Compressor):
+    """Dense baseline: no compression, one training stage."""

@@ -1,0 +1,31 @@
+"""Datasets as LightningDataModules, registered in ``effml.registry.DATASETS``.
+
+Contract every datamodule follows (the runner and the compressors rely on it):
+- constructed as ``cls(cfg, seed=run_seed, tokenizer=tokenizer_or_None)``;
+- ``info`` (a ``DataInfo``) is known after ``setup()``; ``setup`` is idempotent;
+- batches are dicts: ``labels`` plus the model's keyword inputs (``x`` for images,
+  ``input_ids``/``attention_mask`` for text), so ``model(**inputs)`` returns logits;
+- the train loader shuffles with ``EpochSeededSampler`` so a resumed run sees the same order;
+- ``example_inputs(batch_size)`` returns a batch of model inputs (no labels) for measurement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataInfo:
+    num_classes: int
+    modality: str  # "image" | "text"
+    input_shape: tuple[int, ...] | None = None  # (C, H, W) for images
+    class_names: list[str] = field(default_factory=list)
+    num_train: int = 0
+    num_val: int = 0
+    num_test: int = 0
+
+
+# The shared building blocks, importable as ``effml.data.X`` (after DataInfo, which they use).
+from effml.data._base import DataConfig, EffmlDataModule, EpochSeededSampler  # noqa: E402
+
+__all__ = ["DataConfig", "DataInfo", "EffmlDataModule", "EpochSeededSampler"]

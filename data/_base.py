@@ -1,0 +1,203 @@
+"""What every datamodule shares: the common config, the epoch-seeded sampler, the base class.
+
+Splits are drawn with ``cfg.split_seed`` (part of the config, fixed by default), never with the
+run seed: changing ``seed=`` changes only the order the train split is visited in.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from effml.data import DataInfo
+from effml.errors import EffmlError
+
+NO_HASH = {"hash": False}  # field metadata: the value does not change results, so the run id skips it
+
+
+@dataclass
+class DataConfig:
+    """Fields every dataset has; each dataset's config subclasses this and sets ``name``."""
+
+    name: str = ""
+    batch_size: int = 128
+    eval_batch_size: int = field(default=512, metadata=NO_HASH)  # evaluation results do not depend on it
+    val_size: int = 5000  # held out from the train split with split_seed
+    train_subset: int | None = None  # use only the first N of the shuffled train split
+    split_seed: int = 0  # fixes the train/val(/test) split, independent of the run seed
+    num_workers: int = field(default=0, metadata=NO_HASH)
+    data_dir: str | None = field(default=None, metadata=NO_HASH)  # read the files from here instead
+
+    def __post_init__(self) -> None:
+        positive(self, "batch_size", "eval_batch_size")
+        non_negative(self, "val_size", "num_workers", "split_seed")
+        if self.train_subset is not None:
+            positive(self, "train_subset")
+
+
+def positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise EffmlError(f"data.{name} must be > 0, got {getattr(cfg, name)}")
+
+
+def non_negative(cfg: Any, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise EffmlError(f"data.{name} must be >= 0, got {getattr(cfg, name)}")
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A random permutation that depends only on (seed, epoch).
+
+    Lightning calls ``set_epoch`` at the start of every epoch (also through its distributed
+    wrapper), so a run resumed at an epoch boundary visits the data in exactly the order an
+    uninterrupted run does; no sampler state has to be checkpointed.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class TensorDictDataset(Dataset):
+    """In-memory tensors, one dict per example: ``{"x": float tensor, "labels": long}``."""
+
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor):
+        assert len(x) == len(labels)
+        self.x, self.labels = x, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.labels[i]}
+
+
+def permutation(n: int, seed: int) -> np.ndarray:
+    """The fixed shuffle that all splits are cut from (numpy, so it is stable across torch versions)."""
+    return np.random.default_rng(seed).permutation(n)
+
+
+def cut(n: int, sizes: list[int], seed: int, what: str) -> list[np.ndarray]:
+    """Shuffle ``range(n)`` with ``seed`` and cut it into the given sizes plus the rest (last)."""
+    if sum(sizes) >= n:
+        raise EffmlError(f"{what} must be < {n} (the examples available), got {sum(sizes)}")
+    order = permutation(n, seed)
+    bounds = np.cumsum([0, *sizes])
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)] + [order[bounds[-1] :]]
+
+
+def package_file(package: str, *parts: str) -> Path | None:
+    """A data file shipped inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0], *parts)
+
+
+def load_from_hub(name: str, *args: Any, cache_dir: str | None = None, hint: str = "") -> Any:
+    """``datasets.load_dataset`` with the offline failure turned into one line."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, cache_dir=cache_dir)
+    except (ConnectionError, OSError) as err:  # offline: ConnectionError; a broken cache: OSError
+        raise EffmlError(
+            f"{name} needs internet to download from the Hugging Face hub ({type(err).__name__}: "
+            f"offline here?); {hint}or pre-download it into the HF cache"
+        ) from err
+
+
+class EffmlDataModule(L.LightningDataModule):
+    """Base datamodule: subclasses implement ``load()`` returning the three splits and the info."""
+
+    def __init__(self, cfg: DataConfig, seed: int = 0, tokenizer: Any = None):
+        super().__init__()
+        self.cfg, self.seed, self.tokenizer = cfg, seed, tokenizer
+        self.splits: dict[str, Dataset] | None = None
+        self._info: DataInfo | None = None
+
+    def load(self) -> tuple[dict[str, Dataset], DataInfo]:
+        """``({"train", "val", "test"}: datasets of dict examples, info without the split sizes)``."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:  # idempotent: Lightning calls it for fit, then for test
+            return
+        splits, info = self.load()
+        info.num_train, info.num_val, info.num_test = (len(splits[s]) for s in ("train", "val", "test"))
+        self.splits, self._info = splits, info
+
+    @property
+    def info(self) -> DataInfo:
+        self.setup()
+        return self._info
+
+    def train_val_indices(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Hold ``val_size`` out of a train pool of ``n`` with the split seed; apply ``train_subset``."""
+        val, train = cut(n, [self.cfg.val_size], self.cfg.split_seed, "data.val_size")
+        if self.cfg.train_subset is not None:
+            if self.cfg.train_subset > len(train):
+                raise EffmlError(
+                    f"data.train_subset must be <= {len(train)} (the training examples), "
+                    f"got {self.cfg.train_subset}"
+                )
+            train = train[: self.cfg.train_subset]
+        return train, val
+
+    # -- loaders ---------------------------------------------------------------------------------
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return torch.utils.data.default_collate(examples)
+
+    def _loader(self, split: str, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
+        self.setup()
+        workers = self.cfg.num_workers
+        return DataLoader(
+            self.splits[split],
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=False,  # the order comes from the sampler (train) or is the stored order (eval)
+            drop_last=False,
+            collate_fn=self.collate,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        sampler = EpochSeededSampler(len(self.splits["train"]), seed=self.seed)
+        return self._loader("train", self.cfg.batch_size, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.cfg.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.cfg.eval_batch_size)
+
+    def example_inputs(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """The first ``batch_size`` test examples (cycled if the split is smaller), without labels."""
+        self.setup()
+        test = self.splits["test"]
+        batch = self.collate([test[i % len(test)] for i in range(batch_size)])
+        batch.pop("labels")
+        return batch

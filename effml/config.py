@@ -1,0 +1,189 @@
+"""Typed config schema, stored in Hydra's ConfigStore so composition validates every value.
+
+Layout (DESIGN.md §4): ``conf/config.yaml`` picks one preset per group; each preset's first
+defaults entry is the schema it extends (``/schema/<group>/<name>@_here_``), so a typo or a
+wrong type fails at composition with the field named. Model, data and compressor schemas come
+from the plug-in registries; the trainer, hardware, logger and measurement schemas live here.
+
+Fields that do not change results carry ``metadata={"hash": False}``: the run id skips them
+(``effml.identity``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from effml.errors import EffmlError
+
+NOT_HASHED = {"hash": False}
+
+
+def _one_of(section: str, name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise EffmlError(f"{section}.{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+@dataclass
+class TrainerConfig:
+    """Optimization of every stage (a compressor's stage may override epochs)."""
+
+    max_epochs: int = 10
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1.2e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # constant | cosine | linear (both with warmup)
+    warmup_fraction: float = 0.0
+    label_smoothing: float = 0.0
+    gradient_clip_val: float | None = None
+    limit_train_batches: float | None = None  # int-valued floats count batches, <1 a fraction
+    limit_val_batches: float | None = None
+    limit_test_batches: float | None = None
+    checkpoint_every_n_steps: int | None = field(default=None, metadata=NOT_HASHED)
+    log_every_n_steps: int = field(default=20, metadata=NOT_HASHED)
+    progress_bar: str = field(default="auto", metadata=NOT_HASHED)  # auto (tty only) | on | off
+
+    def __post_init__(self):
+        _one_of("trainer", "optimizer", self.optimizer, ("adam", "adamw", "sgd"))
+        _one_of("trainer", "lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
+        _one_of("trainer", "progress_bar", self.progress_bar, ("auto", "on", "off"))
+        if self.max_epochs < 1:
+            raise EffmlError(f"trainer.max_epochs must be >= 1; got {self.max_epochs}")
+        if self.lr <= 0:
+            raise EffmlError(f"trainer.lr must be > 0; got {self.lr}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise EffmlError(f"trainer.warmup_fraction must be in [0, 1); got {self.warmup_fraction}")
+
+
+SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
+
+
+@dataclass
+class HardwareConfig:
+    """Where and how to run: precision, matmul precision, attention backends, compilation."""
+
+    name: str = field(default="cpu", metadata=NOT_HASHED)
+    accelerator: str = "cpu"  # cpu | gpu | auto (auto: the `auto` preset resolves it)
+    devices: int = field(default=1, metadata=NOT_HASHED)
+    precision: str = "32-true"  # Lightning precision: 32-true | bf16-mixed | 16-mixed | bf16-true
+    matmul_precision: str = "highest"  # highest | high (TF32) | medium
+    sdpa_backends: list[str] = field(default_factory=lambda: ["flash", "math"])  # preference order
+    compile: bool = False
+    channel_multiple: int = 1  # structured widths are rounded up to a multiple of this
+
+    def __post_init__(self):
+        _one_of("hardware", "accelerator", self.accelerator, ("cpu", "gpu", "auto"))
+        _one_of("hardware", "matmul_precision", self.matmul_precision, ("highest", "high", "medium"))
+        _one_of(
+            "hardware", "precision", self.precision,
+            ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"),
+        )
+        for backend in self.sdpa_backends:
+            _one_of("hardware", "sdpa_backends", backend, SDPA_BACKENDS)
+        if self.channel_multiple < 1:
+            raise EffmlError(f"hardware.channel_multiple must be >= 1; got {self.channel_multiple}")
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment loggers; none of this changes results, so none of it is hashed."""
+
+    name: str = "csv"  # csv | tensorboard | wandb | none
+    project: str = "effml"
+    wandb_mode: str = "offline"  # offline | online | disabled
+    entity: str | None = None
+
+    def __post_init__(self):
+        _one_of("logger", "name", self.name, ("csv", "tensorboard", "wandb", "none"))
+        _one_of("logger", "wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
+
+
+@dataclass
+class MeasureConfig:
+    """The dense-vs-compressed speed measurement that ends every run."""
+
+    enabled: bool = True
+    batch_size: int = 64
+    warmup: int = 3
+    iters: int = 20
+    min_time_s: float = 0.5
+
+
+@dataclass
+class Config:
+    """The whole run. ``name`` is the recipe's name (set by ``recipe=NAME``)."""
+
+    name: str = "custom"
+    seed: int = 0
+    output_root: str = "outputs"
+    model: Any = MISSING
+    data: Any = MISSING
+    compressor: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+
+
+CORE_SCHEMAS = {"trainer": TrainerConfig, "hardware": HardwareConfig, "logger": LoggerConfig}
+
+
+def conf_dir() -> Path:
+    import effml.conf
+
+    return Path(effml.conf.__file__).parent
+
+
+def recipes_dir() -> Path:
+    import effml.recipes
+
+    return Path(effml.recipes.__file__).parent
+
+
+def recipe_files() -> dict[str, Path]:
+    """Recipe name → file: the shipped ``recipes/`` plus directories in ``$EFFML_RECIPES``."""
+    import os
+
+    dirs = [recipes_dir()] + [Path(p) for p in os.environ.get("EFFML_RECIPES", "").split(os.pathsep) if p]
+    files = {}
+    for d in dirs:
+        for path in sorted(d.glob("*.yaml")):
+            files[path.stem] = path
+    return files
+
+
+def register_schemas() -> None:
+    """Put every schema and recipe into Hydra's ConfigStore (idempotent)."""
+    from effml.registry import load_plugins
+
+    load_plugins()  # model/data/compressor schemas register themselves
+    store = ConfigStore.instance()
+    store.store(name="effml_schema", node=Config)
+    for group, schema in CORE_SCHEMAS.items():
+        store.store(group=f"schema/{group}", name="base", node=schema)
+    # Recipes live in recipes/ (not conf/recipe/), so they enter the `recipe` group from here.
+    for name, path in recipe_files().items():
+        node = OmegaConf.load(path)
+        if "name" not in node:
+            node.name = name
+        store.store(group="recipe", name=name, node=node, package="_global_")
+
+
+def to_typed(cfg) -> dict[str, Any]:
+    """The composed config's sections as validated dataclasses (runs every ``__post_init__``)."""
+    from effml.registry import COMPRESSORS, DATASETS, MODELS
+
+    typed = {
+        "model": MODELS.get(cfg.model.name).make_config(cfg.model),
+        "data": DATASETS.get(cfg.data.name).make_config(cfg.data),
+        "compressor": COMPRESSORS.get(cfg.compressor.name).make_config(cfg.compressor),
+    }
+    for section, schema in CORE_SCHEMAS.items():
+        typed[section] = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg[section]))
+    typed["measure"] = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MeasureConfig), cfg.measure))
+    return typed

@@ -1,0 +1,95 @@
+"""Registries of models, datasets and compressors.
+
+Every plug-in registers itself with a typed config dataclass. The registry also stores that
+dataclass in Hydra's ConfigStore (group ``schema/<kind>``), so the YAML presets in ``conf/<kind>/``
+are validated against it at composition time: a typo or a wrong type fails before any work.
+
+Lookups import every plug-in module first (``load_plugins``), so nothing depends on an import
+having happened somewhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from effml.errors import EffmlError
+
+PLUGIN_PACKAGES = ("effml.models", "effml.data", "effml.compressors")
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    target: Any  # the class or builder function
+    config: type  # the config dataclass
+    description: str
+
+    def make_config(self, values: Any = None) -> Any:
+        """The typed config from a (Dict)Config or dict; runs the dataclass validation."""
+        from omegaconf import OmegaConf
+
+        if values is None:
+            return self.config()
+        if dataclasses.is_dataclass(values) and not isinstance(values, type):
+            return values
+        merged = OmegaConf.merge(OmegaConf.structured(self.config), values)
+        return OmegaConf.to_object(merged)
+
+
+class Registry:
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str, config: type, description: str | None = None):
+        """Decorator: ``@MODELS.register("lenet_300_100", LeNetConfig)``."""
+
+        def wrap(target):
+            if name in self._entries and self._entries[name].target is not target:
+                raise ValueError(f"{self.kind} '{name}' is registered twice")
+            doc = description or (target.__doc__ or "").strip().splitlines()[0:1]
+            text = doc if isinstance(doc, str) else (doc[0] if doc else "")
+            self._entries[name] = Entry(name, target, config, text)
+            ConfigStore.instance().store(group=f"schema/{self.kind}", name=name, node=config)
+            return target
+
+        return wrap
+
+    def get(self, name: str) -> Entry:
+        load_plugins()
+        if name not in self._entries:
+            raise EffmlError(f"unknown {self.kind} '{name}'; choose from: {', '.join(self.names())}")
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        load_plugins()
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry]:
+        return [self._entries[n] for n in self.names()]
+
+
+MODELS = Registry("model")
+DATASETS = Registry("data")
+COMPRESSORS = Registry("compressor")
+
+_loaded = False
+
+
+def load_plugins() -> None:
+    """Import every module of the plug-in packages once, so each registers itself."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for package_name in PLUGIN_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{package_name}.{info.name}")

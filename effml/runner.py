@@ -1,0 +1,431 @@
+"""One run, top to bottom (DESIGN.md §2):
+
+    plan → build → for each stage: skip if finished, else fit (resuming from last.ckpt)
+         → finalize → test → measure dense vs compressed → metrics.json
+
+A stage is finished when ``stages/<NN_name>/end.pt`` exists (written atomically after its fit);
+a run is finished when ``metrics.json`` exists, and is then never touched again.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from effml import identity, measure, report
+from effml.compressors.base import Compressor, Stage
+from effml.config import to_typed
+from effml.errors import EffmlError
+from effml.kernels import hardware as hw
+from effml.registry import COMPRESSORS, DATASETS, MODELS
+from effml.task import ClassificationTask
+
+log = logging.getLogger("effml")
+
+
+@dataclass
+class Plan:
+    """Everything decided before any work: typed configs, the target, the run directory."""
+
+    cfg: DictConfig
+    typed: dict[str, Any]
+    run_dir: Path
+    group: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+
+def plan(cfg: DictConfig, group: str | None = None) -> Plan:
+    """Validate the composed config and decide where the run lives; writes nothing."""
+    typed = to_typed(cfg)
+    typed["hardware"] = hw.resolve(typed["hardware"])
+    return Plan(cfg, typed, identity.run_dir(cfg.output_root, cfg.name, typed, cfg.seed), group)
+
+
+def run(cfg: DictConfig, group: str | None = None) -> dict:
+    p = plan(cfg, group)
+    metrics_path = p.run_dir / "metrics.json"
+    if metrics_path.exists():
+        print(f"effml: {p.name} (seed {cfg.seed}) finished already; results in {metrics_path}")
+        return report.load_metrics(metrics_path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        built = build(p)  # data and model load before anything is written: a failure leaves no trace
+        p.run_dir.mkdir(parents=True, exist_ok=True)
+        with run_lock(p.run_dir), run_log(p.run_dir):
+            return execute(p, built)
+
+
+@dataclass
+class Built:
+    datamodule: Any
+    task: ClassificationTask
+    compressors: list[Compressor]
+    dense_reference: torch.nn.Module  # the uncompressed architecture, for side-by-side speed
+
+
+def build(p: Plan) -> Built:
+    t = p.typed
+    L.seed_everything(p.cfg.seed, workers=True, verbose=False)
+    model_entry = MODELS.get(t["model"].name)
+    tokenizer_for = getattr(model_entry.target, "tokenizer_for", None)
+    datamodule = DATASETS.get(t["data"].name).target(
+        t["data"], seed=p.cfg.seed, tokenizer=tokenizer_for(t["model"]) if tokenizer_for else None
+    )
+    datamodule.setup()
+    model = model_entry.target.from_config(t["model"], datamodule.info)
+    dense_reference = copy.deepcopy(model)
+    compressors = [COMPRESSORS.get(t["compressor"].name).target(t["compressor"])]
+    for compressor in compressors:
+        model = compressor.attach(model)
+    return Built(datamodule, ClassificationTask(model, t["trainer"], compressors), compressors, dense_reference)
+
+
+def execute(p: Plan, b: Built) -> dict:
+    save_run_record(p)
+    records = train_stages(p, b.task, b.datamodule, b.compressors)
+    for compressor in b.compressors:
+        b.task.model = compressor.finalize(b.task.model, p.typed["hardware"])
+    final = evaluate(p, b.task, b.datamodule)
+    metrics = assemble_metrics(p, b, records, final)
+    report.write_metrics(p.run_dir / "metrics.json", metrics)
+    report.print_summary(metrics)
+    return metrics
+
+
+# -- the stage loop --------------------------------------------------------------------------
+def stage_plan(compressors: list[Compressor]) -> list[Stage]:
+    stages = [s for c in compressors for s in c.stages()]
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        stages = [Stage(f"{s.owner}_{s.name}", s.max_epochs, s.owner) for s in stages]
+    return stages
+
+
+def train_stages(p: Plan, task: ClassificationTask, datamodule, compressors) -> list[dict]:
+    stages = stage_plan(compressors)
+    dirs = [p.run_dir / "stages" / f"{i:02d}_{s.name}" for i, s in enumerate(stages)]
+    finished = [d for d in dirs if (d / "end.pt").exists()]
+    records = []
+    if finished:  # resume: the state at the end of the last finished stage is all we need
+        records = [load_stage_end(d, task, compressors)["record"] for d in finished]
+        log.info("resuming %s after finished stage %s", p.run_dir, finished[-1].name)
+    for index in range(len(finished), len(stages)):
+        stage, stage_dir = stages[index], dirs[index]
+        L.seed_everything(p.cfg.seed + index, workers=True, verbose=False)
+        for compressor in compressors:
+            compressor.begin_stage(stage, task)
+        records.append(fit_stage(p, stage, stage_dir, task, datamodule, compressors))
+    return records
+
+
+def fit_stage(p: Plan, stage: Stage, stage_dir: Path, task, datamodule, compressors) -> dict:
+    t = p.typed
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    resume_from = last if last.exists() else None
+    if resume_from:
+        check_loadable(resume_from, f"stage '{stage.name}'")
+        log.info("stage %s: resuming from %s", stage.name, resume_from)
+    clock = ResumeState()
+    trainer = make_trainer(p, stage_dir, max_epochs=stage.max_epochs or t["trainer"].max_epochs,
+                           callbacks=[*compressors, clock, checkpointer(stage_dir, t["trainer"])],
+                           logger_version=stage_dir.name)
+    with hw.kernel_context(t["hardware"]):
+        trainer.fit(compiled(task, t["hardware"]), datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
+    if trainer.interrupted:
+        raise SystemExit(f"effml: interrupted; rerun the same command to resume from {last}")
+    record = {
+        "name": stage.name,
+        "owner": stage.owner,
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "time_s": round(clock.elapsed(), 3),
+        "val_acc": _metric(trainer.callback_metrics, "val/acc"),
+    }
+    save_stage_end(stage_dir, task, compressors, record)
+    return record
+
+
+def evaluate(p: Plan, task: ClassificationTask, datamodule) -> dict:
+    """Validation and test accuracy of the finalized (compressed) model."""
+    trainer = make_trainer(p, p.run_dir / "final", max_epochs=1, callbacks=[], logger_version="final")
+    with hw.kernel_context(p.typed["hardware"]):
+        val = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
+        test = trainer.test(task, datamodule=datamodule, verbose=False)[0]
+    return {"val_acc": val["val/acc"], "test_acc": test["test/acc"], "test_loss": test["test/loss"]}
+
+
+# -- trainer pieces --------------------------------------------------------------------------
+def make_trainer(p: Plan, root: Path, max_epochs: int, callbacks: list, logger_version: str) -> L.Trainer:
+    t, h = p.typed["trainer"], p.typed["hardware"]
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator=h.accelerator,
+        devices=h.devices,
+        precision=h.precision,
+        callbacks=[*callbacks, *progress_bar(t.progress_bar)],
+        logger=make_logger(p, logger_version),
+        default_root_dir=root,
+        enable_progress_bar=show_progress(t.progress_bar),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        gradient_clip_val=t.gradient_clip_val,
+        limit_train_batches=_limit(t.limit_train_batches),
+        limit_val_batches=_limit(t.limit_val_batches),
+        limit_test_batches=_limit(t.limit_test_batches),
+        log_every_n_steps=t.log_every_n_steps,
+        deterministic="warn" if h.accelerator == "gpu" else True,
+    )
+
+
+def checkpointer(stage_dir: Path, t) -> L.Callback:
+    """last.ckpt only: at every epoch end (exact resume), or every N steps when asked."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    every = {"every_n_train_steps": t.checkpoint_every_n_steps} if t.checkpoint_every_n_steps else {"every_n_epochs": 1}
+    return ModelCheckpoint(dirpath=stage_dir / "checkpoints", save_last=True, save_top_k=0,
+                           enable_version_counter=False, **every)
+
+
+def show_progress(setting: str) -> bool:
+    return setting == "on" or (setting == "auto" and sys.stderr.isatty())
+
+
+def progress_bar(setting: str) -> list:
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    return [RichProgressBar(leave=True)] if show_progress(setting) else []
+
+
+def make_logger(p: Plan, version: str):
+    from lightning.pytorch import loggers
+
+    cfg, save_dir = p.typed["logger"], p.run_dir / "logs"
+    if cfg.name == "csv":
+        return loggers.CSVLogger(save_dir, name="csv", version=version)
+    if cfg.name == "tensorboard":
+        return loggers.TensorBoardLogger(save_dir, name="tensorboard", version=version, default_hp_metric=False)
+    if cfg.name == "wandb":
+        save_dir.mkdir(parents=True, exist_ok=True)
+        run_name = f"{p.name}/{p.run_dir.parent.name}/{p.run_dir.name}"
+        return loggers.WandbLogger(
+            project=cfg.project, entity=cfg.entity, mode=cfg.wandb_mode, save_dir=str(save_dir),
+            name=f"{run_name}/{version}", group=p.group or run_name, job_type=version,
+            config=OmegaConf.to_container(p.cfg, resolve=True), reinit="create_new",
+        )
+    return False
+
+
+def compiled(task: ClassificationTask, h) -> L.LightningModule:
+    return torch.compile(task) if h.compile else task
+
+
+def _limit(value: float | None):
+    if value is None:
+        return None
+    return int(value) if value >= 1 and float(value).is_integer() else value
+
+
+def _metric(metrics: dict, key: str) -> float | None:
+    value = metrics.get(key)
+    return None if value is None else float(value)
+
+
+class ResumeState(L.Callback):
+    """RNG states and the stage's training time, saved in every checkpoint: Lightning keeps
+    neither, so without this a resumed stage would draw other dropout masks and misreport time."""
+
+    state_key = "effml/resume"
+
+    def __init__(self):
+        self.base = 0.0
+        self.started: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.base + (time.perf_counter() - self.started if self.started else 0.0)
+
+    def state_dict(self) -> dict:
+        import random
+
+        import numpy as np
+
+        return {
+            "elapsed": self.elapsed(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        import random
+
+        import numpy as np
+
+        self.base = state["elapsed"]
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+
+
+# -- stage files -----------------------------------------------------------------------------
+def save_stage_end(stage_dir: Path, task, compressors, record: dict) -> None:
+    state = {
+        "model": task.model.state_dict(),
+        "compressors": {c.state_key: c.state_dict() for c in compressors},
+        "record": record,
+    }
+    tmp = stage_dir / "end.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, stage_dir / "end.pt")  # atomic: the stage is either finished or not
+
+
+def load_stage_end(stage_dir: Path, task, compressors) -> dict:
+    state = check_loadable(stage_dir / "end.pt", f"finished stage {stage_dir.name}")
+    task.model.load_state_dict(state["model"])
+    for c in compressors:
+        c.load_state_dict(state["compressors"][c.state_key])
+    return state
+
+
+def check_loadable(path: Path, what: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle means the file is unusable
+        raise EffmlError(
+            f"checkpoint of {what} is corrupt ({path}: {type(e).__name__}); delete it to redo that stage"
+        ) from None
+
+
+# -- outputs ---------------------------------------------------------------------------------
+def save_run_record(p: Plan) -> None:
+    """The resolved config, what the hash covers, versions and the device, before any work."""
+    import json
+
+    cfg = OmegaConf.to_container(p.cfg, resolve=True)
+    cfg.pop("hydra", None)
+    OmegaConf.save(OmegaConf.create(cfg), p.run_dir / "config.yaml")
+    record = {
+        "identity": identity.identity(p.typed),
+        "hash": p.run_dir.parent.name,
+        "command": " ".join(sys.argv),
+        "versions": library_versions(),
+        "device": hw.device_description(p.typed["hardware"]),
+        "kernels": hw.kernel_choices(p.typed["hardware"]),
+    }
+    (p.run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": sys.version.split()[0]}
+    for package in ("effml", "torch", "lightning", "hydra-core", "omegaconf", "transformers", "datasets", "wandb"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+def assemble_metrics(p: Plan, b: Built, records: list[dict], final: dict) -> dict:
+    t, compressors = p.typed, b.compressors
+    model = b.task.model.eval()
+    sparsity = measure.sparsity_report(model)
+    layers = sparsity.pop("layers")
+    metrics = {
+        "recipe": p.name,
+        "run_dir": str(p.run_dir),
+        "hash": p.run_dir.parent.name,
+        "seed": p.cfg.seed,
+        **final,
+        "sparsity": sparsity,
+        "layers": layers,
+        "target_sparsity": next((c.target_sparsity() for c in compressors if c.target_sparsity() is not None), None),
+        "train_time_s": round(sum(r["time_s"] for r in records), 3),
+        "stages": records,
+        "compressors": {c.name: c.report() for c in compressors},
+        "device": hw.device_description(t["hardware"]),
+        "kernels": hw.kernel_choices(t["hardware"]),
+        "notes": [],
+    }
+    if t["measure"].enabled:
+        metrics.update(measure_speed(p, b.dense_reference, model, b.datamodule))
+    return metrics
+
+
+def measure_speed(p: Plan, dense, compressed, datamodule) -> dict:
+    m, h = p.typed["measure"], p.typed["hardware"]
+    inputs = datamodule.example_inputs(m.batch_size)
+    device = "cuda" if h.accelerator == "gpu" else "cpu"
+    dtype = torch.bfloat16 if h.precision.startswith("bf16") else torch.float16 if h.precision.startswith("16") else None
+    flops_dense = measure.count_flops(dense, inputs)
+    flops_comp = measure.count_flops(compressed, inputs)
+    with hw.kernel_context(h):
+        speed = measure.compare_dense_compressed(
+            dense, compressed, inputs, device, dtype=dtype, warmup=m.warmup, iters=m.iters, min_time_s=m.min_time_s
+        )
+    return {
+        "flops": {
+            "dense": flops_dense["total_per_sample"],
+            "compressed": flops_comp["total_per_sample"],
+            "effective": flops_comp["effective_per_sample"],
+        },
+        "speed": speed,
+        "notes": list(speed.get("notes", [])),
+    }
+
+
+# -- process hygiene -------------------------------------------------------------------------
+class run_lock:
+    """One process per run directory: a second one (a duplicated sweep job) stops with a clear line."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+
+    def __enter__(self):
+        self.file = open(self.path, "w")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EffmlError(f"{self.path.parent} is being run by another process right now") from None
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+class run_log:
+    """Mirror log records into <run_dir>/run.log for the duration of the run."""
+
+    def __init__(self, run_dir: Path):
+        self.handler = logging.FileHandler(run_dir / "run.log")
+        self.handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+
+    def __enter__(self):
+        logging.getLogger().addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeHandler(self.handler)
+        self.handler.close()

@@ -1,0 +1,113 @@
+"""Resolve ``hardware=...`` against the machine and apply its kernel settings.
+
+``auto`` picks a preset by what is actually there (DESIGN.md §6: the H100's measured defaults
+differ from an A100's). The attention backends are a preference order: the first one the device
+supports wins, and the choice is recorded with the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import platform
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from effml.config import HardwareConfig, conf_dir
+from effml.errors import EffmlError
+
+SDPA = {
+    "cudnn": "CUDNN_ATTENTION",
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
+CPU_SDPA = ("flash", "math")  # PyTorch's CPU flash kernel exists; cuDNN/efficient are CUDA-only
+
+
+def preset(name: str) -> HardwareConfig:
+    node = OmegaConf.load(conf_dir() / "hardware" / f"{name}.yaml")
+    node.pop("defaults", None)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(HardwareConfig), node))
+
+
+def detect_preset() -> str:
+    """The preset that fits this machine's first GPU, or cpu."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    major, _ = torch.cuda.get_device_capability(0)
+    return "h100" if major >= 9 else "a100" if major == 8 else "gpu_generic"
+
+
+def resolve(cfg: HardwareConfig) -> HardwareConfig:
+    """Turn ``auto`` into a concrete preset; refuse a GPU target on a machine without one."""
+    if cfg.accelerator == "auto":
+        found = detect_preset()
+        if found == "gpu_generic":  # pre-Ampere: no bf16 tensor cores
+            return dataclasses.replace(cfg, name="gpu", accelerator="gpu", precision="16-mixed",
+                                       sdpa_backends=["efficient", "math"])
+        return dataclasses.replace(preset(found), name=f"auto→{found}")
+    if cfg.accelerator == "gpu" and not torch.cuda.is_available():
+        raise EffmlError(f"hardware={cfg.name} needs a CUDA GPU and none is visible; use hardware=cpu or hardware=auto")
+    return cfg
+
+
+def sdpa_choice(cfg: HardwareConfig) -> list[str]:
+    """The configured SDPA backends this device can run, in preference order (math always last)."""
+    usable = [b for b in cfg.sdpa_backends if cfg.accelerator == "gpu" or b in CPU_SDPA]
+    return usable if "math" in usable else [*usable, "math"]
+
+
+@contextlib.contextmanager
+def kernel_context(cfg: HardwareConfig):
+    """Apply matmul precision and the SDPA backend order for the duration of a fit/test."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
+    backends = [getattr(SDPBackend, SDPA[b]) for b in sdpa_choice(cfg)]
+    try:
+        with sdpa_kernel(backends, set_priority=True):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def device_description(cfg: HardwareConfig) -> dict[str, Any]:
+    """What the run actually ran on, saved with it."""
+    info: dict[str, Any] = {"target": cfg.name, "accelerator": cfg.accelerator, "torch": torch.__version__}
+    if cfg.accelerator == "gpu":
+        props = torch.cuda.get_device_properties(0)
+        info |= {
+            "device": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+        }
+    else:
+        info |= {"device": cpu_name(), "threads": torch.get_num_threads()}
+    return info
+
+
+def kernel_choices(cfg: HardwareConfig) -> dict[str, Any]:
+    return {
+        "precision": cfg.precision,
+        "matmul_precision": cfg.matmul_precision,
+        "sdpa_backends": sdpa_choice(cfg),
+        "compile": cfg.compile,
+        "channel_multiple": cfg.channel_multiple,
+    }
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -1,0 +1,26 @@
+"""Helpers shared by the model families (private: not a plug-in)."""
+
+from __future__ import annotations
+
+from effml.data import DataInfo
+from effml.errors import EffmlError
+
+
+def image_shape(info: DataInfo, model: str) -> tuple[int, int, int]:
+    """The (C, H, W) of an image dataset, or a one-line error for text data or a missing shape."""
+    if info.modality != "image":
+        raise EffmlError(f"model {model} needs image data, got {info.modality} data")
+    if info.input_shape is None or len(info.input_shape) != 3:
+        raise EffmlError(f"model {model} needs an image input_shape (C, H, W), got {info.input_shape}")
+    c, h, w = (int(d) for d in info.input_shape)
+    return c, h, w
+
+
+def check_positive(field: str, value: float) -> None:
+    if value <= 0:
+        raise EffmlError(f"{field} must be > 0, got {value}")
+
+
+def check_choice(field: str, value, choices) -> None:
+    if value not in choices:
+        raise EffmlError(f"{field} must be one of {', '.join(map(str, choices))}, got {value}")

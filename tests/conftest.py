@@ -1,0 +1,55 @@
+"""Shared test helpers: run the real CLI in-process on shrunken configs (DESIGN.md §8)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A run that exercises every stage on real data in seconds: few examples, few batches.
+TINY = [
+    "data.train_subset=512",
+    "data.batch_size=64",
+    "trainer.max_epochs=2",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.progress_bar=off",
+    "measure.batch_size=8",
+    "measure.iters=2",
+    "measure.warmup=1",
+    "measure.min_time_s=0",
+]
+
+
+@pytest.fixture
+def effml(tmp_path, monkeypatch, capsys):
+    """Run ``effml ARGS`` in-process in a fresh directory; returns (exit code, stdout, stderr)."""
+    from effml.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``effml ARGS`` as a separate process, the way a user runs it."""
+    command = [sys.executable, "-m", "effml.cli.main", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def metrics_of(root: Path) -> dict:
+    files = list(Path(root).rglob("metrics.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())

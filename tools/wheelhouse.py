@@ -1,0 +1,33 @@
+"""Download wheels of effml's installed dependency closure for an air-gapped node.
+
+The closure is read from this environment (``pip freeze``), so the node gets exactly the versions
+the tests passed with; torch and the CUDA stack are left out (the node has its own build).
+Usage: python tools/wheelhouse.py OUT_DIR PYTHON_VERSION PLATFORM [PLATFORM ...]
+"""
+
+import subprocess
+import sys
+
+SKIP_PREFIXES = ("torch", "nvidia-", "triton", "cuda-", "effml", "pytest", "ruff", "pip", "setuptools",
+                 "execnet", "iniconfig", "pluggy")
+
+
+def closure() -> list[str]:
+    frozen = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
+                            check=True, capture_output=True, text=True).stdout.split()
+    return [req for req in frozen if "==" in req and not req.lower().startswith(SKIP_PREFIXES)]
+
+
+def main() -> None:
+    out, python, *platforms = sys.argv[1:]
+    command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+               "-d", out, "--python-version", python]
+    for platform in platforms:
+        command += ["--platform", platform]
+    for requirement in closure():  # one at a time: a package without a wheel for the node is named, not fatal
+        if subprocess.run([*command, requirement], capture_output=True).returncode:
+            print(f"no {python}/{platforms} wheel for {requirement}; the node needs it from elsewhere")
+
+
+if __name__ == "__main__":
+    main()
