@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     except EffmlError as e:
         print(f"effml: error: {e}", file=sys.stderr)
         return e.exit_code
+    except SystemExit as e:  # raised inside Hydra's job; returned so main() is callable in-process
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 1
+        return e.code or 0
 
 
 if __name__ == "__main__":

@@ -301,3 +301,21 @@ def load_metrics(path: str | os.PathLike) -> dict[str, Any]:
         raise EffmlError(f"{path}: no metrics.json (did the run finish?)") from None
     except json.JSONDecodeError as e:
         raise EffmlError(f"{path}: not valid JSON ({e}); delete it and rerun the run") from None
+
+
+def runs_table(runs: list[Mapping[str, Any]]) -> Table:
+    """One row per finished run: what `effml report outputs/<recipe>` prints for a sweep."""
+    table = Table(title=f"{len(runs)} runs")
+    for column in ("recipe", "hash", "seed", "test acc", "sparsity", "FLOPs gain", "speedup", "train time"):
+        table.add_column(column, justify="left" if column in ("recipe", "hash") else "right", no_wrap=column == "hash")
+    for m in runs:
+        flops, speed = m.get("flops") or {}, m.get("speed") or {}
+        acc = m.get("test_acc")
+        acc = acc.get("compressed") if isinstance(acc, Mapping) else acc
+        table.add_row(
+            str(m.get("recipe", "")), str(m.get("hash", "")), str(m.get("seed", "")), _pct(acc),
+            _pct((m.get("sparsity") or {}).get("sparsity")),
+            _x(_div(flops.get("dense"), flops.get("effective"))), _x(speed.get("speedup")),
+            f"{m['train_time_s']:.1f} s" if m.get("train_time_s") is not None else "",
+        )
+    return table

@@ -142,7 +142,7 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: Path, task, datamodule, compress
         log.info("stage %s: resuming from %s", stage.name, resume_from)
     clock = ResumeState()
     trainer = make_trainer(p, stage_dir, max_epochs=stage.max_epochs or t["trainer"].max_epochs,
-                           callbacks=[*compressors, clock, checkpointer(stage_dir, t["trainer"])],
+                           callbacks=[*compressors, clock, LastCheckpoint(last, t["trainer"].checkpoint_every_n_steps)],
                            logger_version=stage_dir.name)
     with hw.kernel_context(t["hardware"]):
         trainer.fit(compiled(task, t["hardware"]), datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
@@ -182,6 +182,7 @@ def make_trainer(p: Plan, root: Path, max_epochs: int, callbacks: list, logger_v
         default_root_dir=root,
         enable_progress_bar=show_progress(t.progress_bar),
         enable_model_summary=False,
+        enable_checkpointing=False,  # LastCheckpoint does it
         num_sanity_val_steps=0,
         gradient_clip_val=t.gradient_clip_val,
         limit_train_batches=_limit(t.limit_train_batches),
@@ -192,13 +193,27 @@ def make_trainer(p: Plan, root: Path, max_epochs: int, callbacks: list, logger_v
     )
 
 
-def checkpointer(stage_dir: Path, t) -> L.Callback:
-    """last.ckpt only: at every epoch end (exact resume), or every N steps when asked."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+class LastCheckpoint(L.Callback):
+    """``last.ckpt`` of a stage, written atomically at every epoch end (and every N steps if asked).
 
-    every = {"every_n_train_steps": t.checkpoint_every_n_steps} if t.checkpoint_every_n_steps else {"every_n_epochs": 1}
-    return ModelCheckpoint(dirpath=stage_dir / "checkpoints", save_last=True, save_top_k=0,
-                           enable_version_counter=False, **every)
+    Lightning's ModelCheckpoint writes in place (a kill mid-write leaves a corrupt file) and, with
+    no top-k checkpoints, writes ``last`` only when training ends."""
+
+    def __init__(self, path: Path, every_n_steps: int | None = None):
+        self.path, self.every_n_steps = path, every_n_steps
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.save(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.save(trainer)
+
+    def save(self, trainer) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        trainer.save_checkpoint(tmp)
+        os.replace(tmp, self.path)
 
 
 def show_progress(setting: str) -> bool:

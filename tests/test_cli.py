@@ -1,0 +1,125 @@
+"""The command line as users meet it: runs, listings, Hydra flags, and bad input → one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, metrics_of
+
+RUN = ["train", "recipe=magnitude_lenet", *TINY]
+
+
+def test_magnitude_run_reports_measured_numbers(effml, tmp_path):
+    code, out, err = effml(*RUN, "compressor.sparsity=0.8")
+    assert code == 0, err
+    m = metrics_of(tmp_path / "outputs")
+    report = m["compressors"]["magnitude"]
+    assert abs(report["achieved_sparsity"] - 0.8) < 0.001  # counted from the final weights
+    assert 0.5 < m["test_acc"] <= 1.0  # real Fashion-MNIST, far above chance after 2 tiny epochs
+    assert m["flops"]["effective"] < 0.35 * m["flops"]["dense"]
+    speed = m["speed"]
+    assert speed["dense"]["latency_ms"] > 0 and speed["compressed"]["latency_ms"] > 0
+    assert speed["compressed"]["peak_mem_bytes"] > 0
+    assert m["train_time_s"] > 0 and m["stages"][0]["name"] == "train"
+    run_dir = Path(m["run_dir"])
+    assert (tmp_path / run_dir / "config.yaml").exists()
+    record = json.loads((tmp_path / run_dir / "run.json").read_text())
+    assert record["versions"]["torch"] and record["kernels"]["precision"] == "32-true"
+    assert (tmp_path / run_dir / "logs" / "csv" / "00_train" / "metrics.csv").exists()
+    assert "sparsity" in out and "latency" in out  # the Rich summary
+
+
+def test_finished_run_is_a_noop_that_says_where(effml, tmp_path):
+    assert effml(*RUN)[0] == 0
+    metrics = next((tmp_path / "outputs").rglob("metrics.json"))
+    before = metrics.stat().st_mtime_ns
+    code, out, _ = effml(*RUN)
+    assert code == 0
+    assert "finished already" in out and str(metrics.relative_to(tmp_path)) in out
+    assert metrics.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "recipe=nope"], "unknown recipe 'nope'; choose from: "),
+        (["train", "compressor=nope"], "unknown compressor 'nope'; choose from: "),
+        (["train", "model=nope"], "unknown model 'nope'; choose from: "),
+        (["train", "recipe=magnitude_lenet", "compressor.sparsity=1.0"], "compressor.sparsity must be in [0, 1)"),
+        (["train", "recipe=magnitude_lenet", "compressor.sparsity=-0.1"], "compressor.sparsity must be in [0, 1)"),
+        (["train", "recipe=magnitude_lenet", "compressor.sparsty=0.5"], "sparsty"),
+        (["train", "-m", "recipe=magnitude_lenet", "compressor.sparsity=0.5,1.5"], "compressor.sparsity"),
+        (["train", "data.data_dir=/nonexistent"], "apt-get install dataset-fashion-mnist"),
+        (["train", "hardware=h100"], "needs a CUDA GPU"),
+        (["list", "nothing"], "effml list needs one of"),
+        (["frobnicate"], "unknown command 'frobnicate'"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_nothing_written(effml, tmp_path, args, message):
+    code, out, err = effml(*args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("effml: error: ") and message in lines[0], err
+    assert "Traceback" not in err + out
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(effml, tmp_path):
+    code, _, _ = effml("train", "recipe=magnitude_lenet", "--cfg", "job")  # nothing runs
+    assert code == 0
+    from effml import runner
+    from effml.cli.compose import compose_config
+
+    run_dir = runner.plan(compose_config(["recipe=magnitude_lenet", *TINY])).run_dir
+    checkpoint = tmp_path / run_dir / "stages" / "00_train" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"not a checkpoint")
+    code, _, err = effml(*RUN)
+    assert code == 2 and "corrupt" in err and str(checkpoint.relative_to(tmp_path)) in err
+    assert checkpoint.read_bytes() == b"not a checkpoint"  # nothing lost
+
+
+def test_cfg_job_and_help_behave_like_hydra(effml):
+    code, out, _ = effml("train", "recipe=magnitude_lenet", "--cfg", "job")
+    assert code == 0 and "sparsity: 0.9" in out and "hydra" not in out
+    code, out, _ = effml("train", "--help")
+    assert code == 0 and "effml train" in out and "compressor: magnitude, none" in out
+
+
+@pytest.mark.parametrize("kind", ["recipes", "models", "data", "compressors", "hardware"])
+def test_list_shows_every_option_with_a_description(effml, kind):
+    from effml.cli.compose import presets
+    from effml.cli.listing import KINDS
+
+    code, out, _ = effml("list", kind)
+    assert code == 0
+    for name in presets(KINDS[kind]):
+        assert name in out
+    assert "Gradual magnitude pruning" in effml("list", "recipes")[1]
+
+
+def test_multirun_grid_makes_one_run_per_point(effml, tmp_path):
+    code, _, err = effml("train", "-m", *RUN[1:], "seed=0,1", "compressor.sparsity=0.5,0.8")
+    assert code == 0, err
+    runs = sorted((tmp_path / "outputs" / "magnitude_lenet").glob("*/seed_*/metrics.json"))
+    assert len(runs) == 4
+    assert len({r.parent.parent.name for r in runs}) == 2  # two sparsities → two hashes, two seeds each
+    code, out, _ = effml("report", "outputs/magnitude_lenet")
+    assert code == 0 and "4 runs" in out
+    assert all(r.parent.parent.name in out for r in runs)
+
+
+@pytest.mark.parametrize("logger", ["wandb", "tensorboard"])
+def test_loggers_write_offline(effml, tmp_path, logger, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    code, _, err = effml(*RUN, f"logger={logger}", "trainer.max_epochs=1")
+    assert code == 0, err
+    logs = next((tmp_path / "outputs").rglob("logs"))
+    if logger == "wandb":
+        assert list(logs.rglob("offline-run-*")), os.listdir(logs)
+    else:
+        assert list(logs.rglob("events.out.tfevents.*"))

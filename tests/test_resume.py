@@ -1,0 +1,84 @@
+"""Kill a run mid-stage with SIGKILL, rerun the same command: it resumes and ends exactly where an
+uninterrupted run ends (same masks, same weights, same metrics)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+
+RESUME_RUN = ["train", "recipe=magnitude_lenet", "data.train_subset=3000", "data.batch_size=50",
+              "trainer.max_epochs=5", "trainer.limit_val_batches=1", "trainer.limit_test_batches=2",
+              "trainer.progress_bar=off", "measure.enabled=false", "compressor.frequency=20"]
+
+
+def start(cwd: Path, extra: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "effml.cli.main", *RESUME_RUN, *extra], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def finish(cwd: Path, extra: list[str]) -> None:
+    process = start(cwd, extra)
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out
+
+
+def kill_when(process: subprocess.Popen, marker_glob: str, cwd: Path, timeout: float = 300) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = list(cwd.glob(marker_glob))
+        if found:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return found[0]
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError(f"{marker_glob} never appeared")
+
+
+def final_state(root: Path) -> tuple[dict, dict]:
+    run_dir = next(root.rglob("metrics.json")).parent
+    stages = sorted((run_dir / "stages").glob("*/end.pt"))
+    model = torch.load(stages[-1], weights_only=False)["model"]
+    return model, json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "schedule, marker",
+    [
+        ("gradual", "outputs/*/*/*/stages/00_train/checkpoints/last.ckpt"),  # mid-stage, masks changing
+        ("oneshot", "outputs/*/*/*/stages/01_finetune/checkpoints/last.ckpt"),  # a finished stage to skip
+    ],
+)
+def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path, schedule, marker):
+    extra = [f"compressor.schedule={schedule}", "compressor.finetune_epochs=4"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir(), killed.mkdir()
+    finish(straight, extra)
+
+    checkpoint = kill_when(start(killed, extra), marker, killed)
+    assert not list(killed.rglob("metrics.json"))  # really interrupted mid-run
+    stage_dir = checkpoint.parents[1]
+    assert not (stage_dir / "end.pt").exists()
+    finish(killed, extra)  # the same command again
+
+    model_a, metrics_a = final_state(straight)
+    model_b, metrics_b = final_state(killed)
+    masks = [k for k in model_a if k.endswith("weight_mask")]
+    assert masks and all(torch.equal(model_a[k], model_b[k]) for k in masks)
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)  # every weight, bit for bit
+    for key in ("test_acc", "val_acc", "sparsity"):
+        assert metrics_a[key] == metrics_b[key], key
+    assert [s["steps"] for s in metrics_a["stages"]] == [s["steps"] for s in metrics_b["stages"]]
