@@ -24,8 +24,12 @@ def main() -> None:
                "-d", out, "--python-version", python]
     for platform in platforms:
         command += ["--platform", platform]
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", out]
     for requirement in closure():  # one at a time: a package without a wheel for the node is named, not fatal
-        if subprocess.run([*command, requirement], capture_output=True).returncode:
+        if subprocess.run([*command, requirement], capture_output=True).returncode == 0:
+            continue
+        # sdist-only packages (e.g. antlr4-python3-runtime 4.9.3) are pure Python: build the wheel here
+        if subprocess.run([*build, requirement], capture_output=True).returncode:
             print(f"no {python}/{platforms} wheel for {requirement}; the node needs it from elsewhere")
 
 
