@@ -53,9 +53,8 @@ class Registry:
         def wrap(target):
             if name in self._entries and self._entries[name].target is not target:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
-            doc = description or (target.__doc__ or "").strip().splitlines()[0:1]
-            text = doc if isinstance(doc, str) else (doc[0] if doc else "")
-            self._entries[name] = Entry(name, target, config, text)
+            summary = description or next(iter((target.__doc__ or "").strip().splitlines()), "")
+            self._entries[name] = Entry(name, target, config, summary)
             ConfigStore.instance().store(group=f"schema/{self.kind}", name=name, node=config)
             return target
 

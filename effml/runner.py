@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import itertools
+import json
 import logging
 import os
+import random
 import sys
 import time
 import warnings
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -119,10 +123,10 @@ def stage_plan(compressors: list[Compressor]) -> list[Stage]:
 def train_stages(p: Plan, task: ClassificationTask, datamodule, compressors) -> list[dict]:
     stages = stage_plan(compressors)
     dirs = [p.run_dir / "stages" / f"{i:02d}_{s.name}" for i, s in enumerate(stages)]
-    finished = [d for d in dirs if (d / "end.pt").exists()]
-    records = []
+    finished = list(itertools.takewhile(lambda d: (d / "end.pt").exists(), dirs))
+    records = [json.loads((d / "record.json").read_text()) for d in finished]
     if finished:  # resume: the state at the end of the last finished stage is all we need
-        records = [load_stage_end(d, task, compressors)["record"] for d in finished]
+        load_stage_end(finished[-1], task, compressors)
         log.info("resuming %s after finished stage %s", p.run_dir, finished[-1].name)
     for index in range(len(finished), len(stages)):
         stage, stage_dir = stages[index], dirs[index]
@@ -277,10 +281,6 @@ class ResumeState(L.Callback):
         return self.base + (time.perf_counter() - self.started if self.started else 0.0)
 
     def state_dict(self) -> dict:
-        import random
-
-        import numpy as np
-
         return {
             "elapsed": self.elapsed(),
             "torch": torch.get_rng_state(),
@@ -290,10 +290,6 @@ class ResumeState(L.Callback):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        import random
-
-        import numpy as np
-
         self.base = state["elapsed"]
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available():
@@ -309,6 +305,7 @@ def save_stage_end(stage_dir: Path, task, compressors, record: dict) -> None:
         "compressors": {c.state_key: c.state_dict() for c in compressors},
         "record": record,
     }
+    (stage_dir / "record.json").write_text(json.dumps(record, indent=2))
     tmp = stage_dir / "end.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, stage_dir / "end.pt")  # atomic: the stage is either finished or not
@@ -334,8 +331,6 @@ def check_loadable(path: Path, what: str) -> dict:
 # -- outputs ---------------------------------------------------------------------------------
 def save_run_record(p: Plan) -> None:
     """The resolved config, what the hash covers, versions and the device, before any work."""
-    import json
-
     cfg = OmegaConf.to_container(p.cfg, resolve=True)
     cfg.pop("hydra", None)
     OmegaConf.save(OmegaConf.create(cfg), p.run_dir / "config.yaml")
@@ -390,24 +385,18 @@ def assemble_metrics(p: Plan, b: Built, records: list[dict], final: dict) -> dic
 
 def measure_speed(p: Plan, dense, compressed, datamodule) -> dict:
     m, h = p.typed["measure"], p.typed["hardware"]
-    inputs = datamodule.example_inputs(m.batch_size)
-    device = "cuda" if h.accelerator == "gpu" else "cpu"
     dtype = torch.bfloat16 if h.precision.startswith("bf16") else torch.float16 if h.precision.startswith("16") else None
-    flops_dense = measure.count_flops(dense, inputs)
-    flops_comp = measure.count_flops(compressed, inputs)
     with hw.kernel_context(h):
         speed = measure.compare_dense_compressed(
-            dense, compressed, inputs, device, dtype=dtype, warmup=m.warmup, iters=m.iters, min_time_s=m.min_time_s
+            dense, compressed, datamodule.example_inputs(m.batch_size), "cuda" if h.accelerator == "gpu" else "cpu",
+            dtype=dtype, warmup=m.warmup, iters=m.iters, min_time_s=m.min_time_s,
         )
-    return {
-        "flops": {
-            "dense": flops_dense["total_per_sample"],
-            "compressed": flops_comp["total_per_sample"],
-            "effective": flops_comp["effective_per_sample"],
-        },
-        "speed": speed,
-        "notes": list(speed.get("notes", [])),
+    flops = {
+        "dense": speed["dense"]["flops_per_sample"],
+        "compressed": speed["compressed"]["flops_per_sample"],
+        "effective": speed["compressed"]["effective_flops_per_sample"],
     }
+    return {"flops": flops, "speed": speed}
 
 
 # -- process hygiene -------------------------------------------------------------------------

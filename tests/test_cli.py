@@ -123,3 +123,15 @@ def test_loggers_write_offline(effml, tmp_path, logger, monkeypatch):
         assert list(logs.rglob("offline-run-*")), os.listdir(logs)
     else:
         assert list(logs.rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_sweep_jobs_in_parallel_processes(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli(["train", "-m", "recipe=magnitude_lenet", "data=digits", *TINY, "seed=0,1",
+                      "hydra/launcher=local"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = sorted((tmp_path / "outputs" / "magnitude_lenet").glob("*/seed_*/metrics.json"))
+    assert [r.parent.name for r in runs] == ["seed_0", "seed_1"]
+    assert "Joblib" in result.stderr + result.stdout  # Hydra's joblib launcher announced itself
