@@ -43,7 +43,7 @@ test-fast: setup ## the tests not marked slow
 	$(PY) -m pytest -q -m "not slow"
 
 lint: setup ## ruff over the code
-	$(VENV)/bin/ruff check effml cli compressors models data kernels tests
+	$(VENV)/bin/ruff check effml cli compressors models data kernels tests tools benchmarks
 
 bench: setup ## measure dense vs compressed on this machine; results in benchmarks/results/
 	$(PY) benchmarks/run.py
