@@ -303,7 +303,6 @@ def save_stage_end(stage_dir: Path, task, compressors, record: dict) -> None:
     state = {
         "model": task.model.state_dict(),
         "compressors": {c.state_key: c.state_dict() for c in compressors},
-        "record": record,
     }
     (stage_dir / "record.json").write_text(json.dumps(record, indent=2))
     tmp = stage_dir / "end.pt.tmp"
@@ -376,7 +375,6 @@ def assemble_metrics(p: Plan, b: Built, records: list[dict], final: dict) -> dic
         "compressors": {c.name: c.report() for c in compressors},
         "device": hw.device_description(t["hardware"]),
         "kernels": hw.kernel_choices(t["hardware"]),
-        "notes": [],
     }
     if t["measure"].enabled:
         metrics.update(measure_speed(p, b.dense_reference, model, b.datamodule))
