@@ -4,10 +4,13 @@ A compressor is a Lightning ``Callback`` with a typed config. The runner calls, 
 
 1. ``attach(model)`` once, before any checkpoint is loaded: wrap or reparametrize the model, so a
    resumed run's checkpoint keys match;
-2. for each of its ``stages()`` (a stage is one ``Trainer.fit``): ``begin_stage(stage, task)``,
+2. ``prepare(plan, datamodule)``, still before anything is written: check that the run can work
+   (bounds that depend on the data, other runs it needs) and fail with one line if not;
+3. for each of its ``stages()`` (a stage is one ``Trainer.fit``): ``begin_stage(stage, task)``,
    then the fit, during which Lightning calls the usual callback hooks and the task adds
-   ``loss(task, batch, logits)`` to the training loss;
-3. ``finalize(model, hardware)``: make the compression real (permanent masks, smaller modules,
+   ``loss(task, batch, logits)`` to the training loss; after the fit and a test pass,
+   ``end_stage(stage, record)`` sees the stage's record and may add to it;
+4. ``finalize(model, hardware)``: make the compression real (permanent masks, smaller modules,
    kernel conversion), then ``report()``: what it did, as numbers.
 
 ``state_dict``/``load_state_dict`` hold everything needed to resume exactly; Lightning stores them
@@ -60,8 +63,16 @@ class Compressor(L.Callback):
     def attach(self, model: nn.Module) -> nn.Module:
         return model
 
+    def prepare(self, plan: Any, datamodule: Any) -> None:
+        """Check the run before any file is written (``plan`` is ``effml.runner.Plan``)."""
+
     def begin_stage(self, stage: Stage, task: L.LightningModule) -> None:
         """Called before every stage's fit (also stages other compressors own)."""
+
+    def end_stage(self, stage: Stage, record: dict[str, Any]) -> dict[str, Any] | None:
+        """After a stage's fit and test (``record`` has epochs, steps, val_acc, test_acc, time_s):
+        what to add to the stage's record. Called for every stage, also others'."""
+        return None
 
     def loss(self, task: L.LightningModule, batch: dict, logits: torch.Tensor) -> torch.Tensor | None:
         return None

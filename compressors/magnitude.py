@@ -69,6 +69,39 @@ class MagnitudeConfig(CompressorConfig):
             raise EffmlError(f"compressor.layer_types: unknown {sorted(unknown)}; choose from {sorted(LAYER_TYPES)}")
 
 
+def matches(name: str, patterns: list[str]) -> bool:
+    """Does a module's qualified name match one of the patterns (also as the last part of the name)?"""
+    return any(fnmatch(name, p) or fnmatch(name, f"*.{p}") for p in patterns)
+
+
+def mask_layers(model: nn.Module, layer_types: list[str], skip: list[str], method: str) -> dict[str, nn.Module]:
+    """Give every targeted layer an all-ones ``weight_mask`` (``torch.nn.utils.prune.identity``).
+
+    Done before any checkpoint is loaded, so the model's keys (``weight_orig``, ``weight_mask``)
+    match a resumed run's from the start."""
+    types = tuple(LAYER_TYPES[t] for t in layer_types)
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, types) and not matches(name, skip):
+            prune.identity(module, "weight")
+            layers[name] = module
+    if not layers:
+        raise EffmlError(f"compressor {method} found no {layer_types} layers outside {skip}")
+    return layers
+
+
+@torch.no_grad()
+def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
+    module.weight_mask.copy_(mask)
+    module.weight = module.weight_orig * module.weight_mask  # refresh the cached product now
+
+
+def make_permanent(layers: dict[str, nn.Module]) -> None:
+    for module in layers.values():
+        if prune.is_pruned(module):
+            prune.remove(module, "weight")
+
+
 def cubic_sparsity(step: int, t0: int, t_end: int, s_i: float, s_f: float) -> float:
     """Zhu & Gupta's schedule: s_i before t0, s_f after t_end, cubic in between."""
     if step <= t0:
@@ -107,13 +140,7 @@ class MagnitudePruning(Compressor):
         return [Stage("train", owner=self.name)]
 
     def attach(self, model: nn.Module) -> nn.Module:
-        types = tuple(LAYER_TYPES[t] for t in self.cfg.layer_types)
-        for name, module in model.named_modules():
-            if isinstance(module, types) and not self._skipped(name):
-                prune.identity(module, "weight")  # all-ones mask: checkpoint keys match from the start
-                self.layers[name] = module
-        if not self.layers:
-            raise EffmlError(f"compressor magnitude found no {self.cfg.layer_types} layers outside {self.cfg.skip}")
+        self.layers = mask_layers(model, self.cfg.layer_types, self.cfg.skip, self.name)
         return model
 
     def begin_stage(self, stage: Stage, task) -> None:
@@ -150,9 +177,7 @@ class MagnitudePruning(Compressor):
         self.events = state_dict["events"]
 
     def finalize(self, model: nn.Module, hardware) -> nn.Module:
-        for module in self.layers.values():
-            if prune.is_pruned(module):
-                prune.remove(module, "weight")
+        make_permanent(self.layers)
         return model
 
     def target_sparsity(self) -> float:
@@ -172,15 +197,11 @@ class MagnitudePruning(Compressor):
         }
 
     # -- mechanics --------------------------------------------------------------------------
-    def _skipped(self, name: str) -> bool:
-        return any(fnmatch(name, p) or fnmatch(name, f"*.{p}") for p in self.cfg.skip)
-
     @torch.no_grad()
     def prune_to(self, sparsity: float) -> None:
         modules = list(self.layers.values())
         masks = keep_masks([m.weight for m in modules], sparsity, self.cfg.scope)
         for module, mask in zip(modules, masks, strict=True):
-            module.weight_mask.copy_(mask)
-            module.weight = module.weight_orig * module.weight_mask  # refresh the cached product now
+            set_mask(module, mask)
         self.current_sparsity = sparsity
         self.events += 1

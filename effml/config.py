@@ -44,6 +44,7 @@ class TrainerConfig:
     limit_train_batches: float | None = None  # int-valued floats count batches, <1 a fraction
     limit_val_batches: float | None = None
     limit_test_batches: float | None = None
+    val_check_interval: int | None = None  # validate every N training batches (None: once per epoch)
     checkpoint_every_n_steps: int | None = field(default=None, metadata=NOT_HASHED)
     log_every_n_steps: int = field(default=20, metadata=NOT_HASHED)
     progress_bar: str = field(default="auto", metadata=NOT_HASHED)  # auto (tty only) | on | off
@@ -52,6 +53,8 @@ class TrainerConfig:
         _one_of("trainer", "optimizer", self.optimizer, ("adam", "adamw", "sgd"))
         _one_of("trainer", "lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         _one_of("trainer", "progress_bar", self.progress_bar, ("auto", "on", "off"))
+        if self.val_check_interval is not None and self.val_check_interval < 1:
+            raise EffmlError(f"trainer.val_check_interval must be >= 1 batch; got {self.val_check_interval}")
         if self.max_epochs < 1:
             raise EffmlError(f"trainer.max_epochs must be >= 1; got {self.max_epochs}")
         if self.lr <= 0:

@@ -18,7 +18,8 @@ metrics.json (filled by the runner; every key optional, the table skips what is 
                       "params", "params_nonzero", "size_bytes", "sparse_size_bytes", ["train_step_ms"]},
                       "speedup", "flops_ratio", "memory_ratio", "notes"
     train_time_s      float               all stages
-    stages            [{"name", "time_s", "val_acc", "epochs"}]
+    stages            [{"name", "time_s", "val_acc", "test_acc", "epochs", ...}] (compressors add keys,
+                      e.g. IMP's "weights_remaining", "hamming", "early_stop_step")
     compressors       {name: report dict}  (scalars shown; lists/dicts left to the json)
     device            str                 e.g. "cuda:0"
     kernels           {layer or op: kernel chosen}
@@ -201,7 +202,9 @@ def _run_rows(m: Mapping[str, Any]) -> list[Row]:
         bits = [
             f"{st['time_s']:.1f} s" if st.get("time_s") is not None else "",
             f"val {_pct(st['val_acc'])}" if st.get("val_acc") is not None else "",
+            f"test {_pct(st['test_acc'])}" if st.get("test_acc") is not None else "",
             f"{st['epochs']} ep" if st.get("epochs") is not None else "",
+            f"{_pct(st['weights_remaining'])} weights" if st.get("weights_remaining") is not None else "",
         ]
         rows.append((f"stage {st.get('name', '?')}", "", ", ".join(b for b in bits if b), ""))
     for name, rep in (m.get("compressors") or {}).items():

@@ -96,6 +96,8 @@ def build(p: Plan) -> Built:
     compressors = [COMPRESSORS.get(t["compressor"].name).target(t["compressor"])]
     for compressor in compressors:
         model = compressor.attach(model)
+    for compressor in compressors:
+        compressor.prepare(p, datamodule)
     return Built(datamodule, ClassificationTask(model, t["trainer"], compressors), compressors, dense_reference)
 
 
@@ -158,8 +160,12 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: Path, task, datamodule, compress
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "time_s": round(clock.elapsed(), 3),
-        "val_acc": _metric(trainer.callback_metrics, "val/acc"),
     }
+    with hw.kernel_context(t["hardware"]):  # every stage's model is evaluated: a level of IMP is a result
+        record["val_acc"] = trainer.validate(task, datamodule=datamodule, verbose=False)[0]["val/acc"]
+        record["test_acc"] = trainer.test(task, datamodule=datamodule, verbose=False)[0]["test/acc"]
+    for compressor in compressors:
+        record.update(compressor.end_stage(stage, record) or {})
     save_stage_end(stage_dir, task, compressors, record)
     return record
 
@@ -192,6 +198,8 @@ def make_trainer(p: Plan, root: Path, max_epochs: int, callbacks: list, logger_v
         limit_train_batches=_limit(t.limit_train_batches),
         limit_val_batches=_limit(t.limit_val_batches),
         limit_test_batches=_limit(t.limit_test_batches),
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None if isinstance(t.val_check_interval, int) else 1,
         log_every_n_steps=t.log_every_n_steps,
         deterministic="warn" if h.accelerator == "gpu" else True,
     )
@@ -216,7 +224,7 @@ class LastCheckpoint(L.Callback):
     def save(self, trainer) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)
         os.replace(tmp, self.path)
 
 
@@ -257,11 +265,6 @@ def _limit(value: float | None):
     if value is None:
         return None
     return int(value) if value >= 1 and float(value).is_integer() else value
-
-
-def _metric(metrics: dict, key: str) -> float | None:
-    value = metrics.get(key)
-    return None if value is None else float(value)
 
 
 class ResumeState(L.Callback):

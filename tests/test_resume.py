@@ -21,8 +21,8 @@ RESUME_RUN = ["train", "recipe=magnitude_lenet", "data.train_subset=3000", "data
               "trainer.progress_bar=off", "measure.enabled=false", "compressor.frequency=20"]
 
 
-def start(cwd: Path, extra: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "effml.cli.main", *RESUME_RUN, *extra], cwd=cwd,
+def start(cwd: Path, extra: list[str], run: list[str] = RESUME_RUN) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "effml.cli.main", *run, *extra], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
 
