@@ -14,6 +14,9 @@ commands:
   train -m [sweeps]        a Hydra multirun grid: effml train -m recipe=magnitude_lenet seed=0,1,2
   list WHAT                what exists: recipes | models | data | compressors | hardware
   report PATH...           re-render the summary of finished runs under PATH
+  reproduce TABLE          rerun a paper's table (recipes/tables/TABLE.yaml) and check it against the
+                           paper: effml reproduce lth_lenet [--seeds 0,1,2] [--dry-run | --report]
+  reproduce --list         the paper tables there are
 
 `effml train --help` lists every config group and field.
 """
@@ -45,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
             from effml.cli.listing import report_command
 
             return report_command(rest)
-        raise EffmlError(f"unknown command '{command}'; choose from: train, list, report")
+        if command == "reproduce":
+            from effml.cli.reproduce import reproduce
+
+            return reproduce(rest)
+        raise EffmlError(f"unknown command '{command}'; choose from: train, list, report, reproduce")
     except EffmlError as e:
         print(f"effml: error: {e}", file=sys.stderr)
         return e.exit_code
