@@ -388,21 +388,31 @@ class IterativeMagnitudePruning(Compressor):
 
 
 def resolve_run(spec: str, output_root: Path, seed: int) -> Path:
-    """A run directory from ``path/to/seed_N``, a ``<recipe>/<hash>`` folder, or a recipe name
-    with exactly one config under ``output_root`` (the seed is this run's)."""
+    """A run directory from ``path/to/seed_N``, a ``<recipe>/<hash>`` folder, or a recipe name: its one
+    run under ``output_root`` that found its own ticket (no control, no ticket_from; this run's seed)."""
     path = Path(spec)
     for candidate in (path, output_root / path):
         if candidate.name.startswith("seed_") and candidate.is_dir():
             return candidate
         if (candidate / f"seed_{seed}").is_dir():
             return candidate / f"seed_{seed}"
-    runs = sorted((output_root / spec).glob(f"*/seed_{seed}"))
+    runs = [run for run in sorted((output_root / spec).glob(f"*/seed_{seed}")) if finds_own_ticket(run)]
     if len(runs) == 1:
         return runs[0]
     if not runs:
-        raise EffmlError(f"ticket source '{spec}' not found (no run dir, nor {output_root / spec}/*/seed_{seed})")
+        raise EffmlError(f"ticket source '{spec}' not found (no run dir, nor an IMP run in {output_root / spec})")
     choices = ", ".join(str(r.parent.relative_to(output_root)) for r in runs)
     raise EffmlError(f"ticket source '{spec}' is ambiguous; name one of: {choices}")
+
+
+def finds_own_ticket(run_dir: Path) -> bool:
+    from omegaconf import OmegaConf
+
+    config = run_dir / "config.yaml"
+    if not config.exists():
+        return False
+    compressor = OmegaConf.load(config).get("compressor", {})
+    return compressor.get("name") == "imp" and compressor.get("control") == "none" and not compressor.get("ticket_from")
 
 
 def train_batches(datamodule, limit: float | None) -> int:

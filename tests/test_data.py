@@ -17,13 +17,14 @@ from effml.data import DataInfo, EffmlDataModule, EpochSeededSampler
 from effml.errors import EffmlError
 from effml.registry import DATASETS
 
-EMBEDDED = ["digits", "fashion_mnist", "mnist5k", "rotten_tomatoes"]
+EMBEDDED = ["digits", "fashion_mnist", "mnist5k", "rotten_tomatoes", "rt_subjectivity"]
 ONLINE = ["cifar10", "mnist", "sst2"]
 SIZES = {  # (train, val, test) with the default config
     "fashion_mnist": (55_000, 5_000, 10_000),
     "mnist5k": (3_500, 500, 1_000),
     "digits": (1_137, 300, 360),
     "rotten_tomatoes": (10_201, 1_275, 1_275),
+    "rt_subjectivity": (9_516, 1_000, 1_000),
 }
 CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
 
@@ -221,8 +222,20 @@ def test_rotten_tomatoes_raw_and_dedup():
     }
 
 
-def test_rotten_tomatoes_no_leakage(build):
-    dm = build("rotten_tomatoes")
+def test_subjectivity_is_balanced_sentences_of_plots_vs_reviews():
+    from effml.data.text import read_rotten_tomatoes, read_subjectivity, rotten_tomatoes_file
+
+    path = str(rotten_tomatoes_file(None))
+    frame = read_subjectivity(path, 0)
+    assert frame["labels"].value_counts().to_dict() == {0: 5_758, 1: 5_758}
+    lengths = frame.groupby("labels")["text"].apply(lambda t: t.str.len().mean())
+    assert abs(lengths[0] - lengths[1]) < 15  # sentences, not whole synopses: length tells nothing
+    assert frame.loc[frame["labels"] == 1, "text"].isin(read_rotten_tomatoes(path)["text"]).all()
+
+
+@pytest.mark.parametrize("name", ["rotten_tomatoes", "rt_subjectivity"])
+def test_text_splits_do_not_leak(build, name):
+    dm = build(name)
     ids = {split: [tuple(x) for x in dm.splits[split]["input_ids"]] for split in dm.splits}
     everything = ids["train"] + ids["val"] + ids["test"]
     assert len(set(everything)) == len(everything), "a text occurs twice (within or across splits)"

@@ -173,6 +173,7 @@ def test_minilm_loads_offline_with_checked_weights(monkeypatch):
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (6, 384, 12)
     assert config._attn_implementation == "sdpa"
     assert sum(p.numel() for p in model.bert.parameters()) == 22_713_216
+    assert all(m.training for m in model.modules())  # dropout on when fine-tuning starts
     assert seconds < 20
 
 
