@@ -257,13 +257,15 @@ def collect(spec: TableSpec, plans: list[SeriesPlan], seeds: list[int], command:
     points: list[Point] = []
     missing: list[Missing] = []
     seeds_done: dict[str, set[int]] = defaultdict(set)
+    devices: set[str] = set()
     for job in (job for plan in plans for job in plan.jobs):
         if not job.metrics.exists():
             missing.append(Missing(job.series, job.seed, f"no {job.metrics} (not run, or it failed: see the "
                                                           "log above or run.log beside it)"))
             continue
         try:
-            found = tables.read_points(spec, job.series, job.seed, report.load_metrics(job.metrics))
+            metrics = report.load_metrics(job.metrics)
+            found = tables.read_points(spec, job.series, job.seed, metrics)
         except (EffmlError, ValueError) as e:
             missing.append(Missing(job.series, job.seed, f"{job.metrics}: {e}"))
             continue
@@ -272,9 +274,10 @@ def collect(spec: TableSpec, plans: list[SeriesPlan], seeds: list[int], command:
             continue
         points += found
         seeds_done[job.series].add(job.seed)
+        devices.add(tables.run_device(metrics))
     cells = tables.aggregate(points)
     missing += tables.incomplete_cells(cells, {series: len(s) for series, s in seeds_done.items()})
-    return Outcome(spec, cells, tables.check_claims(spec, cells), missing, seeds, command)
+    return Outcome(spec, cells, tables.check_claims(spec, cells), missing, seeds, command, sorted(devices))
 
 
 def show(outcome: Outcome, folder: Path, console: Console) -> None:

@@ -378,6 +378,7 @@ def assemble_metrics(p: Plan, b: Built, records: list[dict], final: dict) -> dic
         "compressors": {c.name: c.report() for c in compressors},
         "device": hw.device_description(t["hardware"]),
         "kernels": hw.kernel_choices(t["hardware"]),
+        "versions": library_versions(),
     }
     if t["measure"].enabled:
         metrics.update(measure_speed(p, b.dense_reference, model, b.datamodule))

@@ -501,10 +501,20 @@ class Outcome:
     missing: list[Missing]
     seeds: list[int]
     command: str
+    devices: list[str] = field(default_factory=list)  # where the runs trained, with library versions
 
     @property
     def passed(self) -> bool:
         return not self.missing and all(c.passed for c in self.claims)
+
+
+def run_device(metrics: Mapping[str, Any]) -> str:
+    """'NVIDIA H100 80GB HBM3, bf16-mixed, torch 2.11.0' from a run's metrics.json."""
+    speed, kernels = metrics.get("speed") or {}, metrics.get("kernels") or {}
+    parts = [speed.get("device_name") or metrics.get("device") or "unknown device", kernels.get("precision")]
+    torch_version = (metrics.get("versions") or {}).get("torch")
+    parts.append(f"torch {torch_version}" if torch_version else None)
+    return ", ".join(p for p in parts if p)
 
 
 def incomplete_cells(cells: Cells, seeds_with_results: Mapping[str, int]) -> list[Missing]:
@@ -615,6 +625,7 @@ def markdown(outcome: Outcome) -> str:
         "",
         f"Ours: mean ± std over seeds {_seeds(outcome.seeds)} (n = runs with a result), "
         f"{spec.y.label or spec.y.key}. Command: `{outcome.command}`",
+        *([f"Trained on: {'; '.join(outcome.devices)}."] if outcome.devices else []),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(":--" if i == 0 else "--:" for i in range(len(header))) + "|",
@@ -660,6 +671,7 @@ def summary(outcome: Outcome) -> dict[str, Any]:
         "title": spec.title,
         "paper": spec.paper,
         "command": outcome.command,
+        "devices": outcome.devices,
         "seeds": outcome.seeds,
         "x": None if spec.x is None else asdict(spec.x),
         "y": asdict(spec.y),

@@ -188,8 +188,8 @@ def test_kill_mid_level_then_rerun_gives_the_same_masks(tmp_path):
 def test_lth_bert_shuffle_control_and_transfer_to_subjectivity(effml, tmp_path):
     """Chen et al.'s setting at toy scale: IMP from pre-trained MiniLM-L6, the shuffled-weights
     control on the ticket's masks, and the ticket reused on the subjectivity task."""
-    bert = ["train", "recipe=lth_bert", *TINY, "data.train_subset=256", "compressor.levels=1",
-            "trainer.val_check_interval=2", "measure.enabled=false"]
+    bert = ["train", "recipe=lth_bert", *TINY, "data.train_subset=256", "data.eval_batch_size=64",
+            "compressor.levels=1", "trainer.val_check_interval=4", "measure.enabled=false"]
     assert effml(*bert)[0] == 0
     code, _, err = effml(*bert, "compressor.control=shuffle")
     assert code == 0, err
@@ -213,3 +213,19 @@ def test_shuffle_control_permutes_each_layers_pretrained_values():
     for name in imp.layers:
         before, after = imp.initial_weights[f"{name}.weight"], shuffled[f"{name}.weight"]
         assert not torch.equal(before, after) and torch.equal(before.flatten().sort()[0], after.flatten().sort()[0])
+
+
+def test_conv_layers_use_their_own_rate_as_in_lth_conv():
+    from effml.data import DataInfo
+    from effml.registry import MODELS
+
+    entry = MODELS.get("conv")
+    model = entry.target.from_config(entry.config(depth=2), DataInfo(10, "image", (1, 28, 28)))
+    imp = IterativeMagnitudePruning(IMPConfig(prune_fraction=0.2, conv_fraction=0.1, output_fraction=0.1))
+    imp.attach(model)
+    imp.begin_stage(Stage("level_01", owner="imp"), SimpleNamespace(model=model))
+    kept = {name: float(m.weight_mask.mean()) for name, m in imp.layers.items()}
+    convs = [n for n, m in imp.layers.items() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 2 and all(kept[n] == pytest.approx(0.9, abs=1e-3) for n in convs)
+    assert kept["classifier"] == pytest.approx(0.9, abs=1e-3)
+    assert sorted(v for n, v in kept.items() if n not in convs and n != "classifier") == pytest.approx([0.8, 0.8], abs=1e-3)
