@@ -155,15 +155,27 @@ def read_subjectivity(path: str, seed: int) -> pd.DataFrame:
 
 
 @dataclass
-class RottenTomatoesConfig(TextConfig):
-    name: str = "rotten_tomatoes"
+class HeldOutTextConfig(TextConfig):
+    """A corpus without its own test split: ``test_size`` examples are held out with ``split_seed``."""
+
     batch_size: int = 32
-    val_size: int = 1275  # 10% of the 12,751 distinct reviews
-    test_size: int = 1275
+    test_size: int = 1000
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive(self, "test_size")
+
+
+def held_out(frame: pd.DataFrame, cfg: HeldOutTextConfig) -> dict[str, pd.DataFrame]:
+    test, rest = cut(len(frame), [cfg.test_size], cfg.split_seed, "data.test_size")
+    return {"train": frame.iloc[rest], "test": frame.iloc[test]}
+
+
+@dataclass
+class RottenTomatoesConfig(HeldOutTextConfig):
+    name: str = "rotten_tomatoes"
+    val_size: int = 1275  # 10% of the 12,751 distinct reviews
+    test_size: int = 1275
 
 
 @DATASETS.register("rotten_tomatoes", RottenTomatoesConfig)
@@ -176,21 +188,10 @@ class RottenTomatoes(TextDataModule):
         return held_out(read_rotten_tomatoes(str(rotten_tomatoes_file(self.cfg.data_dir))), self.cfg)
 
 
-def held_out(frame: pd.DataFrame, cfg) -> dict[str, pd.DataFrame]:
-    test, rest = cut(len(frame), [cfg.test_size], cfg.split_seed, "data.test_size")
-    return {"train": frame.iloc[rest], "test": frame.iloc[test]}
-
-
 @dataclass
-class SubjectivityConfig(TextConfig):
+class SubjectivityConfig(HeldOutTextConfig):
     name: str = "rt_subjectivity"
-    batch_size: int = 32
     val_size: int = 1000
-    test_size: int = 1000
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        positive(self, "test_size")
 
 
 @DATASETS.register("rt_subjectivity", SubjectivityConfig)
