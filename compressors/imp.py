@@ -23,6 +23,7 @@ options of the same recipe and reuse the masks of the *base run* (the same confi
 - ``shuffle``: the ticket's masks on pre-trained weights shuffled within each layer (Chen et al.'s
   random re-initialization of BERT, which keeps each layer's weight distribution).
 
+Level 0 of a control trains the dense network from the control's weights (θ0 for random_prune).
 ``ticket_from`` reuses another run's masks on this run's data: ticket transfer (Chen et al. §5).
 Per level the report gives test/val accuracy, the early-stopping iteration (lowest validation
 loss: Frankle & Carbin's second metric), weights remaining and the normalized Hamming distance to
