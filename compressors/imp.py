@@ -317,7 +317,7 @@ class IterativeMagnitudePruning(Compressor):
         return [new[n] for n in names]
 
     def _source_masks(self, level: int) -> list[torch.Tensor]:
-        end = next(iter(sorted((self.source / "stages").glob(f"*_level_{level:02d}/end.pt"))), None)
+        end = level_end(self.source, level)
         if end is None:
             raise EffmlError(f"{self.source} has no finished level {level} to take masks from")
         state = torch.load(end, map_location="cpu", weights_only=False)["model"]
@@ -382,10 +382,15 @@ class IterativeMagnitudePruning(Compressor):
             base = dict(plan.typed, compressor=dataclasses.replace(self.cfg, control="none"))
             source = identity.run_dir(root, plan.name, base, seed)
             what = f"compressor.control={self.cfg.control} needs its base run (the same config with control=none)"
-        missing = [k for k in self.level_numbers()[1:] if not list((source / "stages").glob(f"*_level_{k:02d}/end.pt"))]
+        missing = [k for k in self.level_numbers()[1:] if level_end(source, k) is None]
         if missing:
             raise EffmlError(f"{what}: {source} has no finished level {missing[0]}; train that run first")
         return source
+
+
+def level_end(run_dir: Path, level: int) -> Path | None:
+    """The ``end.pt`` of a finished IMP level of a run (its stage index depends on the run's levels)."""
+    return next(iter(sorted((run_dir / "stages").glob(f"*_level_{level:02d}/end.pt"))), None)
 
 
 def resolve_run(spec: str, output_root: Path, seed: int) -> Path:
