@@ -14,7 +14,9 @@ A compressor is a Lightning ``Callback`` with a typed config. The runner calls, 
    kernel conversion), then ``report()``: what it did, as numbers.
 
 ``state_dict``/``load_state_dict`` hold everything needed to resume exactly; Lightning stores them
-in every checkpoint under ``state_key`` and the runner in every finished stage.
+in every checkpoint under ``state_key`` and the runner in every finished stage. When the runner
+resumes after a finished stage it calls ``load_state_dict`` *before* loading the model's weights,
+so a compressor that changed the model's shape (structured pruning) restores that shape there.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Stage:
     name: str
     max_epochs: int | None = None
     owner: str = ""  # the compressor that declared it
+    lr_scale: float = 1.0  # the stage's learning rate is trainer.lr times this
 
 
 @dataclass

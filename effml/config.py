@@ -115,6 +115,7 @@ class MeasureConfig:
     warmup: int = 3
     iters: int = 20
     min_time_s: float = 0.5
+    train_step: bool = True  # also time forward + backward + optimizer step, dense vs compressed
 
 
 @dataclass

