@@ -105,6 +105,7 @@ class EarlyBERT(Compressor):
         self.random_seed = 0
         self.channel_multiple = 1
         self.export_dir: Path | None = None
+        self.model_cfg = None  # the model's config, to export its tokenizer with the ticket
         self.recent_masks: list[Tensor] = []  # the last `window` masks, for the early-bird check
         self.search: list[dict[str, Any]] = []  # (step, head_distance, ffn_distance) per check
         self.stop_step: int | None = None  # where the early-bird criterion stopped the search
@@ -128,6 +129,7 @@ class EarlyBERT(Compressor):
     def prepare(self, plan, datamodule) -> None:
         self.channel_multiple = plan.typed["hardware"].channel_multiple
         self.export_dir = plan.run_dir / "model"
+        self.model_cfg = plan.typed["model"]
 
     def loss(self, task, batch: dict, logits: Tensor) -> Tensor | None:
         if self.gates is None or not self.gates.handles:
@@ -174,6 +176,8 @@ class EarlyBERT(Compressor):
     def finalize(self, model: nn.Module, hardware) -> nn.Module:
         if self.export_dir is not None and self.ticket is not None:
             surgery.save_pruned(model, self.export_dir)
+            # the tokenizer too, so the export is a complete `model.pretrained=<dir>`
+            type(model).tokenizer_for(self.model_cfg).save_pretrained(self.export_dir)
         return model
 
     def report(self) -> dict:

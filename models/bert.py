@@ -43,6 +43,7 @@ class BertClassifierConfig:
     hidden_dropout: float | None = None  # hidden_dropout_prob; None keeps the checkpoint's (0.1)
     attention_dropout: float | None = None  # attention_probs_dropout_prob; None keeps the checkpoint's
     attn_implementation: str = "sdpa"  # attention kernel: eager | sdpa
+    tokenizer: str | None = None  # None: the checkpoint's (a random BERT: MiniLM's); or a hub id / local dir
 
     def __post_init__(self):
         for name in ("hidden_dropout", "attention_dropout"):
@@ -90,7 +91,7 @@ class BertClassifier(nn.Module):
         """The checkpoint's tokenizer; a random BERT uses MiniLM's (BERT's uncased 30,522 WordPiece vocab)."""
         from transformers import AutoTokenizer
 
-        name = cfg.pretrained or MINILM
+        name = cfg.tokenizer or cfg.pretrained or MINILM
         source, local_only = _source(name, verify=False)
         return _from_hub(AutoTokenizer.from_pretrained, name, source, local_only)
 

@@ -253,7 +253,7 @@ def test_shipped_tables_are_valid_and_name_existing_recipes():
     assert "lth_lenet" in shipped
     for path in shipped.values():
         spec = tables.load_spec(path)
-        assert len(spec.seeds) >= 3 and spec.claims
+        assert len(spec.seeds) >= 3 and (spec.claims or spec.points)  # claims, or a curve to look at
         for series in spec.series:
             assert (series.recipe or spec.recipe) in recipe_files()
 

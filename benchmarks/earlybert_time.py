@@ -1,0 +1,97 @@
+"""End-to-end training time of a whole EarlyBERT run (search + ticket) vs dense fine-tuning.
+
+Chen et al. (ACL 2021) report 35-45% less training time than full fine-tuning. This runs the two
+recipes the way a user does (``effml train``), on the same data, epochs and device, and compares
+the measured training time of every stage (``train_time_s`` in metrics.json: the fits, validation
+inside them included; model loading and the final measurement excluded).
+
+    python benchmarks/earlybert_time.py hardware=auto model=bert_base model.pretrained=null \
+        data.batch_size=256 trainer.max_epochs=3 compressor.check_every=4
+
+Extra arguments are Hydra overrides for both runs (``compressor.*`` ones only for EarlyBERT). The
+default shape is BERT-base with random weights (speed does not depend on the values) on Rotten
+Tomatoes. Results: benchmarks/results/earlybert_time_<device>.json and .md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def train(recipe: str, overrides: list[str], root: Path) -> dict:
+    command = [sys.executable, "-m", "effml.cli.main", "train", f"recipe={recipe}",
+               f"output_root={root}", "trainer.progress_bar=off", *overrides]
+    print("$", " ".join(command[2:]), flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(next((root / recipe).rglob("metrics.json")).read_text())
+
+
+def summarize(dense: dict, earlybert: dict) -> dict:
+    stages = {s["name"]: s for s in earlybert["stages"]}
+    report = earlybert["compressors"]["earlybert"]
+    return {
+        "device": earlybert["device"],
+        "dense_train_time_s": dense["train_time_s"],
+        "earlybert_train_time_s": earlybert["train_time_s"],
+        "search_time_s": stages["search"]["time_s"],
+        "search_steps": stages["search"]["steps"],
+        "early_bird_step": report["early_bird_step"],
+        "ticket_time_s": stages["ticket"]["time_s"],
+        "ticket_steps": stages["ticket"]["steps"],
+        "dense_steps": sum(s["steps"] for s in dense["stages"]),
+        "time_saving": 1 - earlybert["train_time_s"] / dense["train_time_s"],
+        "ticket_train_step_speedup": earlybert["speed"].get("train_speedup"),
+        "ticket_inference_speedup": earlybert["speed"]["speedup"],
+        "flops_ratio": earlybert["flops"]["dense"] / earlybert["flops"]["compressed"],
+        "heads_per_layer": report["heads_per_layer"],
+        "ffn_per_layer": report["ffn_per_layer"],
+        "test_acc": {"dense": dense["test_acc"], "earlybert": earlybert["test_acc"]},
+    }
+
+
+def markdown(result: dict, overrides: list[str]) -> str:
+    device = result["device"]
+    return "\n".join([
+        f"# EarlyBERT end-to-end training time vs dense fine-tuning — {device.get('device')}",
+        "",
+        f"torch {device.get('torch')}, overrides: `{' '.join(overrides)}`",
+        "",
+        "| run | steps | training time (s) |",
+        "|---|---:|---:|",
+        f"| dense fine-tuning | {result['dense_steps']} | {result['dense_train_time_s']:.1f} |",
+        f"| EarlyBERT search (early bird at step {result['early_bird_step']}) | {result['search_steps']} "
+        f"| {result['search_time_s']:.1f} |",
+        f"| EarlyBERT ticket training | {result['ticket_steps']} | {result['ticket_time_s']:.1f} |",
+        f"| **EarlyBERT total** | | **{result['earlybert_train_time_s']:.1f}** |",
+        "",
+        f"Training time saved: **{result['time_saving']:.1%}** (the paper: 35-45%). The ticket's "
+        f"training step is {result['ticket_train_step_speedup']:.2f}x faster than dense, inference "
+        f"{result['ticket_inference_speedup']:.2f}x, FLOPs {result['flops_ratio']:.2f}x fewer. Kept heads "
+        f"per layer {result['heads_per_layer']}, FFN widths {result['ffn_per_layer']}.",
+        "",
+    ])
+
+
+def main(argv: list[str]) -> int:
+    shared = [a for a in argv if not a.startswith("compressor.")]
+    with tempfile.TemporaryDirectory() as tmp:
+        dense = train("bert_finetune", shared, Path(tmp))
+        earlybert = train("earlybert", argv, Path(tmp))
+    result = summarize(dense, earlybert)
+    slug = "".join(c if c.isalnum() else "_" for c in str(result["device"].get("device", "cpu")).lower()).strip("_")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"earlybert_time_{slug}.json").write_text(json.dumps({"overrides": argv, **result}, indent=2))
+    text = markdown(result, argv)
+    (RESULTS / f"earlybert_time_{slug}.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
