@@ -181,7 +181,8 @@ def test_earlybert_end_to_end_reports_a_smaller_faster_ticket(effml, tmp_path):
 
 @pytest.mark.slow
 def test_kill_mid_ticket_and_after_it_then_rerun_gives_the_same_ticket(tmp_path):
-    args = [*TOY, "trainer.max_epochs=2", "measure.enabled=false"]
+    # 5 steps an epoch: the early bird at step 3, then a 2-epoch ticket with a checkpoint after epoch 1
+    args = [*TOY, "data.train_subset=160", "compressor.check_every=1", "trainer.max_epochs=2", "measure.enabled=false"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir(), killed.mkdir()
     assert start(straight, [], ["train", *args]).wait(timeout=600) == 0
