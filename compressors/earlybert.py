@@ -197,6 +197,10 @@ class EarlyBERT(Compressor):
         ffn = [g.detach().abs().float().cpu() for g in self.gates.of(surgery.NEURON_GATE)]
         return heads, ffn
 
+    def _head_count(self) -> int:
+        """Heads in the whole model: where a flat mask's head part ends."""
+        return sum(surgery.num_heads(layer) for layer in self.gates.layers)
+
     def _mask(self) -> Tensor:
         """The ticket that would be drawn now (before rounding), as one flat keep-mask: heads, then neurons."""
         heads, ffn = self._coefficients()
@@ -206,8 +210,7 @@ class EarlyBERT(Compressor):
         return torch.cat([*head_masks, ffn_mask])
 
     def _record_mask(self, step: int) -> None:
-        mask = self._mask()
-        n_heads = sum(c.numel() for c in self._coefficients()[0])
+        mask, n_heads = self._mask(), self._head_count()
         entry = {"step": step, "head_distance": None, "ffn_distance": None}
         if self.recent_masks:
             previous = self.recent_masks[-1]
@@ -220,8 +223,7 @@ class EarlyBERT(Compressor):
         """Every mask of the window within ``threshold`` of the newest one, heads and neurons alike."""
         if len(self.recent_masks) < self.cfg.window:
             return False
-        n_heads = sum(c.numel() for c in self._coefficients()[0])
-        newest = self.recent_masks[-1]
+        n_heads, newest = self._head_count(), self.recent_masks[-1]
         return all(
             _distance(newest[part], old[part]) < self.cfg.threshold
             for old in self.recent_masks[:-1]
