@@ -49,6 +49,13 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
                           env={**os.environ, **(env or {})})
 
 
+def one_line_error(code: int, err: str, message: str) -> None:
+    """Bad input: exit code 2 and one line on stderr that says what is wrong."""
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("effml: error: ") and message in lines[0], err
+
+
 def metrics_of(root: Path) -> dict:
     files = list(Path(root).rglob("metrics.json"))
     assert len(files) == 1, files

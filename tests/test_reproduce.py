@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY, run_cli
+from conftest import TINY, one_line_error, run_cli
 from effml import tables
 from effml.errors import EffmlError
 from effml.tables import Point
@@ -267,12 +267,6 @@ def tiny(tmp_path, monkeypatch):
     write_table(tmp_path / "recipes", "tiny", TINY_TABLE)
     monkeypatch.setenv("EFFML_RECIPES", str(tmp_path / "recipes"))
     return tmp_path
-
-
-def one_line_error(code: int, err: str, message: str) -> None:
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("effml: error: ") and message in lines[0], err
 
 
 def test_list_shows_the_tables(effml, tiny, monkeypatch):
