@@ -8,10 +8,23 @@ A compressor is a Lightning ``Callback`` with a typed config. The runner calls, 
    (bounds that depend on the data, other runs it needs) and fail with one line if not;
 3. for each of its ``stages()`` (a stage is one ``Trainer.fit``): ``begin_stage(stage, task)``,
    then the fit, during which Lightning calls the usual callback hooks and the task adds
-   ``loss(task, batch, logits)`` to the training loss; after the fit and a test pass,
-   ``end_stage(stage, record)`` sees the stage's record and may add to it;
+   ``loss(task, batch, logits)`` to the training loss (and scales its own cross-entropy by
+   ``hard_loss_weight``); after the fit and a test pass, ``end_stage(stage, record)`` sees the
+   stage's record and may add to it;
 4. ``finalize(model, hardware)``: make the compression real (permanent masks, smaller modules,
-   kernel conversion), then ``report()``: what it did, as numbers.
+   kernel conversion; remove training-only pieces it attached), then ``report()``: what it did, as
+   numbers.
+
+Compressors compose (``compose:`` in a recipe, DESIGN.md §3): their losses add and their stages
+concatenate by role (``effml.runner.stage_plan``): every ``prepare`` stage first (a teacher trained
+in the run), then every ``train`` stage in declaration order; a ``plain`` stage (plain training of
+the model, e.g. distillation's student stage) runs only when no compressor declares a ``train``
+stage, so "prune while distilling" trains once, with both. In a ``prepare`` stage only its owner is
+active; in the others every compressor is.
+
+A method whose training needs parameters beyond the model's (distillation's projections, early-exit
+classifiers, a distillation token) adds them to the model in ``attach`` (so they are trained,
+checkpointed and moved with it) and removes them in ``finalize``.
 
 ``state_dict``/``load_state_dict`` hold everything needed to resume exactly; Lightning stores them
 in every checkpoint under ``state_key`` and the runner in every finished stage. When the runner
@@ -37,6 +50,10 @@ class Stage:
     max_epochs: int | None = None
     owner: str = ""  # the compressor that declared it
     lr_scale: float = 1.0  # the stage's learning rate is trainer.lr times this
+    role: str = "train"  # prepare | train | plain (see the module docstring)
+
+    def __post_init__(self):
+        assert self.role in ("prepare", "train", "plain"), self.role
 
 
 @dataclass
@@ -61,7 +78,12 @@ class Compressor(L.Callback):
         return f"compressor/{self.name}"
 
     def stages(self) -> list[Stage]:
-        return [Stage("train", owner=self.name)]
+        return [Stage("train", owner=self.name, role="plain")]
+
+    @property
+    def hard_loss_weight(self) -> float:
+        """The factor on the task's own cross-entropy (KD's 1 − α); the factors of all compressors multiply."""
+        return 1.0
 
     def attach(self, model: nn.Module) -> nn.Module:
         return model
@@ -77,6 +99,11 @@ class Compressor(L.Callback):
         what to add to the stage's record. Called for every stage, also others'."""
         return None
 
+    def train_dataloader(self, stage: Stage, datamodule: Any) -> Any | None:
+        """A stage's training batches when they do not come from the data (data-free distillation
+        generates its inputs): a DataLoader, or None for the datamodule's own."""
+        return None
+
     def loss(self, task: L.LightningModule, batch: dict, logits: torch.Tensor) -> torch.Tensor | None:
         return None
 
@@ -88,6 +115,10 @@ class Compressor(L.Callback):
 
     def finalize(self, model: nn.Module, hardware: Any) -> nn.Module:
         return model
+
+    def reference(self, dense: nn.Module) -> nn.Module:
+        """The model the compressed one is timed against: the dense original, or a distiller's teacher."""
+        return dense
 
     def target_sparsity(self) -> float | None:
         """The fraction of prunable weights this method sets to zero, where it has one."""

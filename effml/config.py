@@ -128,6 +128,9 @@ class Config:
     model: Any = MISSING
     data: Any = MISSING
     compressor: Any = MISSING
+    # more compressors that act together with `compressor`, in this order (DESIGN.md §3), e.g. in a
+    # recipe's defaults `- /compressor@compose.kd: kd`, on the command line `+compressor@compose.kd=kd`
+    compose: dict[str, Any] = field(default_factory=dict)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -186,8 +189,18 @@ def to_typed(cfg) -> dict[str, Any]:
         "model": MODELS.get(cfg.model.name).make_config(cfg.model),
         "data": DATASETS.get(cfg.data.name).make_config(cfg.data),
         "compressor": COMPRESSORS.get(cfg.compressor.name).make_config(cfg.compressor),
+        "compose": {key: _composed(key, node) for key, node in cfg.get("compose", {}).items()},
     }
     for section, schema in CORE_SCHEMAS.items():
         typed[section] = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg[section]))
     typed["measure"] = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MeasureConfig), cfg.measure))
     return typed
+
+
+def _composed(key: str, node) -> Any:
+    """The typed config of ``compose.<key>``: a compressor preset like ``compressor`` itself."""
+    from effml.registry import COMPRESSORS
+
+    if not hasattr(node, "get") or not node.get("name"):
+        raise EffmlError(f"compose.{key} must be a compressor config with a name (e.g. +compressor@compose.{key}=kd)")
+    return COMPRESSORS.get(node.name).make_config(node)

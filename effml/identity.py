@@ -41,7 +41,10 @@ def _plain(value: Any) -> Any:
 
 def identity(typed: dict[str, Any]) -> dict[str, Any]:
     """What the hash is computed from (saved as identity.json so a person can read it)."""
-    return {section: non_default_values(typed[section]) for section in HASHED_SECTIONS}
+    ident = {section: non_default_values(typed[section]) for section in HASHED_SECTIONS}
+    if typed.get("compose"):  # only when used, so runs without composed compressors keep their ids
+        ident["compose"] = {key: non_default_values(cfg) for key, cfg in typed["compose"].items()}
+    return ident
 
 
 def config_hash(typed: dict[str, Any]) -> str:

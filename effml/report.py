@@ -237,7 +237,7 @@ def summary_table(metrics: Mapping[str, Any]) -> Table:
         title=title or "effml run", caption=Text(caption) if caption else None, caption_justify="left"
     )
     table.add_column("metric")
-    table.add_column("dense", justify="right")
+    table.add_column(m.get("speed_reference", "dense"), justify="right")  # a distilled student: its teacher
     table.add_column("compressed", justify="right")
     table.add_column("gain", justify="right")
     sections = [

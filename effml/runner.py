@@ -94,7 +94,7 @@ def build(p: Plan) -> Built:
     datamodule.setup()
     model = model_entry.target.from_config(t["model"], datamodule.info)
     dense_reference = copy.deepcopy(model)
-    compressors = [COMPRESSORS.get(t["compressor"].name).target(t["compressor"])]
+    compressors = make_compressors(t)
     for compressor in compressors:
         model = compressor.attach(model)
     for compressor in compressors:
@@ -102,11 +102,23 @@ def build(p: Plan) -> Built:
     return Built(datamodule, ClassificationTask(model, t["trainer"], compressors), compressors, dense_reference)
 
 
+def make_compressors(typed: dict) -> list[Compressor]:
+    """``compressor`` and then every ``compose`` entry, in order; each name at most once."""
+    configs = [typed["compressor"], *typed.get("compose", {}).values()]
+    configs = [c for c in configs if c.name != "none" or len(configs) == 1]
+    names = [c.name for c in configs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise EffmlError(f"compressor {twice[0]} appears twice (in compressor and compose); use it once")
+    return [COMPRESSORS.get(c.name).target(c) for c in configs]
+
+
 def execute(p: Plan, b: Built) -> dict:
     save_run_record(p)
     records = train_stages(p, b.task, b.datamodule, b.compressors)
     for compressor in b.compressors:
         b.task.model = compressor.finalize(b.task.model, p.typed["hardware"])
+    save_model(p.run_dir, b.task.model)
     final = evaluate(p, b.task, b.datamodule)
     metrics = assemble_metrics(p, b, records, final)
     report.write_metrics(p.run_dir / "metrics.json", metrics)
@@ -116,7 +128,13 @@ def execute(p: Plan, b: Built) -> dict:
 
 # -- the stage loop --------------------------------------------------------------------------
 def stage_plan(compressors: list[Compressor]) -> list[Stage]:
-    stages = [s for c in compressors for s in c.stages()]
+    """Every compressor's stages by role: ``prepare`` stages, then ``train`` stages, in declaration
+    order; ``plain`` stages (one per name) only when no compressor trains the model its own way."""
+    declared = [s for c in compressors for s in c.stages()]
+    stages = [s for s in declared if s.role == "prepare"] + [s for s in declared if s.role == "train"]
+    if not any(s.role == "train" for s in declared):
+        plain = [s for s in declared if s.role == "plain"]
+        stages += [s for i, s in enumerate(plain) if s.name not in {q.name for q in plain[:i]}]
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         stages = [dataclasses.replace(s, name=f"{s.owner}_{s.name}") for s in stages]
@@ -149,11 +167,17 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: Path, task, datamodule, compress
         log.info("stage %s: resuming from %s", stage.name, resume_from)
     clock = ResumeState()
     task.lr_scale = stage.lr_scale
+    active = [c for c in compressors if stage.role != "prepare" or c.name == stage.owner]
+    task.compressors = active  # a teacher trained in a prepare stage is not pruned or distilled
     trainer = make_trainer(p, stage_dir, max_epochs=stage.max_epochs or t["trainer"].max_epochs,
-                           callbacks=[*compressors, clock, LastCheckpoint(last, t["trainer"].checkpoint_every_n_steps)],
+                           callbacks=[*active, clock, LastCheckpoint(last, t["trainer"].checkpoint_every_n_steps)],
                            logger_version=stage_dir.name)
+    own_batches = [loader for c in active if (loader := c.train_dataloader(stage, datamodule)) is not None]
+    data = {"datamodule": datamodule}
+    if own_batches:  # the datamodule still validates, but is never iterated for training
+        data = {"train_dataloaders": own_batches[0], "val_dataloaders": datamodule.val_dataloader()}
     with hw.kernel_context(t["hardware"]):
-        trainer.fit(compiled(task, t["hardware"]), datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
+        trainer.fit(compiled(task, t["hardware"]), **data, ckpt_path=resume_from, weights_only=False)
     if trainer.interrupted:
         raise SystemExit(f"effml: interrupted; rerun the same command to resume from {last}")
     record = {
@@ -168,6 +192,7 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: Path, task, datamodule, compress
         record["test_acc"] = trainer.test(task, datamodule=datamodule, verbose=False)[0]["test/acc"]
     for compressor in compressors:
         record.update(compressor.end_stage(stage, record) or {})
+    task.compressors = list(compressors)
     save_stage_end(stage_dir, task, compressors, record)
     return record
 
@@ -333,6 +358,13 @@ def check_loadable(path: Path, what: str) -> dict:
 
 
 # -- outputs ---------------------------------------------------------------------------------
+def save_model(run_dir: Path, model: torch.nn.Module) -> None:
+    """The finalized model's weights, ``model.pt``: what a later run loads as its teacher."""
+    tmp = run_dir / "model.pt.tmp"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, run_dir / "model.pt")
+
+
 def save_run_record(p: Plan) -> None:
     """The resolved config, what the hash covers, versions and the device, before any work."""
     cfg = OmegaConf.to_container(p.cfg, resolve=True)
@@ -383,7 +415,11 @@ def assemble_metrics(p: Plan, b: Built, records: list[dict], final: dict) -> dic
         "versions": library_versions(),
     }
     if t["measure"].enabled:
-        metrics.update(measure_speed(p, b.dense_reference, model, b.datamodule))
+        reference = b.dense_reference
+        for compressor in compressors:
+            reference = compressor.reference(reference)
+        metrics["speed_reference"] = getattr(reference, "effml_reference", "dense")
+        metrics.update(measure_speed(p, reference, model, b.datamodule))
     return metrics
 
 

@@ -1,7 +1,8 @@
 """The LightningModule every run trains: classification with the compressors' extra losses.
 
 A Lightning callback cannot change the loss, so the task asks each compressor for its term
-(``Compressor.loss``) and adds it (DESIGN.md §3).
+(``Compressor.loss``) and adds it, after scaling its own cross-entropy by the compressors'
+``hard_loss_weight`` (DESIGN.md §3).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class ClassificationTask(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, logits = self._step(batch, "train")
+        loss = loss * math.prod(c.hard_loss_weight for c in self.compressors)
         for compressor in self.compressors:
             extra = compressor.loss(self, batch, logits)
             if extra is not None:

@@ -15,6 +15,8 @@ from effml.registry import COMPRESSORS
 SMOKE_DATA = {"earlybert": ["model=minilm_l6", "data=rotten_tomatoes", "data.train_subset=128",
                             "data.max_length=32", "trainer.limit_train_batches=2"]}
 SMOKE_DATA["bert_lottery"] = [*SMOKE_DATA["earlybert"], "compressor.search_batches=1"]
+# Distillers need a teacher: a wider LeNet trained in the run's first stage.
+SMOKE_DATA["kd"] = ["data=digits", "compressor.teacher.model={name:lenet_300_100,hidden:[256,128]}"]
 
 
 @pytest.mark.parametrize("name", COMPRESSORS.names())
