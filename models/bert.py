@@ -44,6 +44,7 @@ class BertClassifierConfig:
     attention_dropout: float | None = None  # attention_probs_dropout_prob; None keeps the checkpoint's
     attn_implementation: str = "sdpa"  # attention kernel: eager | sdpa
     tokenizer: str | None = None  # None: the checkpoint's (a random BERT: MiniLM's); or a hub id / local dir
+    layers: list[int] | None = None  # keep only these encoder layers, in order (a student: [1, 3, 5])
 
     def __post_init__(self):
         for name in ("hidden_dropout", "attention_dropout"):
@@ -51,6 +52,8 @@ class BertClassifierConfig:
             if value is not None and not 0.0 <= value < 1.0:
                 raise EffmlError(f"model.{name} must be in [0, 1), got {value}")
         check_choice("model.attn_implementation", self.attn_implementation, ("eager", "sdpa"))
+        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
+            raise EffmlError(f"model.layers must be distinct layer indices; got {self.layers}")
 
 
 @MODELS.register("bert", BertClassifierConfig)
@@ -82,6 +85,8 @@ class BertClassifier(nn.Module):
         else:
             source, local_only = _source(cfg.pretrained, verify=True)
             encoder = _from_hub(AutoModel.from_pretrained, cfg.pretrained, source, local_only, **kwargs)
+        if cfg.layers is not None:
+            keep_layers(encoder, cfg.layers)
         # from_pretrained returns eval mode and Lightning keeps module modes: without train() the
         # encoder would fine-tune with dropout off
         return cls(encoder.train(), info.num_classes)
@@ -104,6 +109,19 @@ class BertClassifier(nn.Module):
         if pooled is None:  # encoders without a pooler (e.g. DistilBERT): the [CLS] state
             pooled = out.last_hidden_state[:, 0]
         return self.classifier(self.dropout(pooled))
+
+
+def keep_layers(encoder: nn.Module, layers: list[int]) -> None:
+    """A shallower encoder from a deeper one's layers (e.g. every other layer: a distillation
+    student initialized as in DistilBERT, Sanh et al. 2019, §3 and TinyBERT's layer mapping)."""
+    depth = len(encoder.encoder.layer)
+    if any(not 0 <= i < depth for i in layers):
+        raise EffmlError(f"model.layers must be in [0, {depth}) for this {depth}-layer encoder; got {layers}")
+    encoder.encoder.layer = nn.ModuleList(encoder.encoder.layer[i] for i in layers)
+    for index, layer in enumerate(encoder.encoder.layer):  # transformers numbers layers for its caches
+        if hasattr(layer.attention.self, "layer_idx"):
+            layer.attention.self.layer_idx = index
+    encoder.config.num_hidden_layers = len(layers)
 
 
 def _hf_config(cfg: BertClassifierConfig):
