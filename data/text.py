@@ -7,6 +7,7 @@ Every batch is ``{"input_ids", "attention_mask", "labels"}`` (int64).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -79,6 +80,8 @@ class TextDataModule(EffmlDataModule):
     def tokenized(self, frame: pd.DataFrame):
         import datasets
 
+        if not sys.stderr.isatty():  # a log file or a pipe: no progress bar in front of error lines
+            datasets.disable_progress_bars()
         dataset = datasets.Dataset.from_pandas(frame[["text", "labels"]], preserve_index=False)
         kwargs = {"tokenizer": self.tokenizer, "max_length": self.cfg.max_length}
         dataset = dataset.map(

@@ -40,6 +40,10 @@ Claims (pure functions of the cells, see ``check_claim``):
   ``min_x``/``max_x``), aggregated by ``at``: ``lowest_x`` (default; the sparsest level when x is
   weights remaining), ``highest_x``, ``all`` (the smallest difference counts), ``any`` (the largest
   counts) or ``mean``. "Random reinit at the same sparsity is clearly worse"; "KD beats no KD".
+- ``above``: some cell of ``series`` (within the x range) has a mean >= ``value``: "clearly above
+  chance" (``value: 20`` for 10 classes).
+- ``recovers``: (series − than) / (reference − than) >= ``min_fraction``, at the reference x: "the
+  skeptical student recovers most of the gap the nasty teacher opened" (``min_fraction: 0.5``).
 
 Tables without x (one point per run) use the same claims: every series has one cell, x is ignored.
 """
@@ -64,7 +68,7 @@ from rich.text import Text
 
 from effml.errors import EffmlError
 
-CLAIM_KINDS = ("reaches", "exceeds")
+CLAIM_KINDS = ("reaches", "exceeds", "above", "recovers")
 AT_CHOICES = ("lowest_x", "highest_x", "all", "any", "mean")
 PAPER_X_MATCH = 0.05  # a paper number sits in our row whose x is within 5% of the paper's x
 
@@ -123,10 +127,14 @@ class Claim:
     reference_x: float | None = None  # default: the table's reference x
     tolerance: float | None = None
     min_ratio: float | None = None
-    # exceeds
+    # exceeds (and recovers: the low end of the gap)
     than: str | None = None
     margin: float = 0.0
     at: str = "lowest_x"
+    # above: a fixed bar (chance level)
+    value: float | None = None
+    # recovers: (series − than) / (reference − than) >= min_fraction
+    min_fraction: float | None = None
 
 
 @dataclass
@@ -216,7 +224,7 @@ def spec_problem(spec: TableSpec) -> str | None:
 def claim_problem(claim: Claim, spec: TableSpec, keys: list[str]) -> str | None:
     if claim.kind not in CLAIM_KINDS:
         return f"kind must be one of {', '.join(CLAIM_KINDS)}; got {claim.kind!r}"
-    named = [claim.series, claim.than if claim.kind == "exceeds" else claim.reference]
+    named = [claim.series, claim.than, claim.reference]
     for key in (k for k in named if k is not None):
         if key not in keys:
             return f"unknown series '{key}'; choose from: {', '.join(keys)}"
@@ -225,6 +233,14 @@ def claim_problem(claim: Claim, spec: TableSpec, keys: list[str]) -> str | None:
             return "exceeds needs 'than' (the series it beats)"
         if claim.at not in AT_CHOICES:
             return f"at must be one of {', '.join(AT_CHOICES)}; got {claim.at!r}"
+        return None
+    if claim.kind == "above":
+        return None if claim.value is not None else "above needs a value (the bar, in table units)"
+    if claim.kind == "recovers":
+        if claim.than is None or claim.min_fraction is None:
+            return "recovers needs 'than' (the low end of the gap) and min_fraction"
+        if reference_series(claim, spec) is None:
+            return "recovers needs a reference series (the high end of the gap)"
         return None
     if claim.tolerance is None and claim.min_ratio is None:
         return "reaches needs a tolerance and/or a min_ratio"
@@ -367,8 +383,8 @@ def check_claims(spec: TableSpec, cells: Cells) -> list[ClaimResult]:
 
 
 def check_claim(claim: Claim, spec: TableSpec, cells: Cells) -> ClaimResult:
-    check = check_reaches if claim.kind == "reaches" else check_exceeds
-    return check(claim, spec, cells)
+    check = {"reaches": check_reaches, "exceeds": check_exceeds, "above": check_above, "recovers": check_recovers}
+    return check[claim.kind](claim, spec, cells)
 
 
 def _fmt(value: float, decimals: int) -> str:
@@ -443,6 +459,39 @@ def check_exceeds(claim: Claim, spec: TableSpec, cells: Cells) -> ClaimResult:
         detail += f"; mean {value:+.{d}f}"
     detail += f"; needs >= {claim.margin:+g}"
     return ClaimResult(claim.name, claim.kind, value >= claim.margin, value, claim.margin, detail)
+
+
+def check_above(claim: Claim, spec: TableSpec, cells: Cells) -> ClaimResult:
+    """Passes when the series' best cell (within the x range) has a mean >= ``value``."""
+    d = spec.y.decimals
+    candidates = in_range(cells, claim.series, claim.min_x, claim.max_x)
+    if not candidates:
+        return ClaimResult(claim.name, claim.kind, False, None, claim.value,
+                           f"no result for {claim.series}{_range(claim)}")
+    best = max(candidates, key=lambda c: c.mean)
+    detail = f"{claim.series} best {_fmt(best.mean, d)}{_at(best)}; needs >= {claim.value:g}"
+    return ClaimResult(claim.name, claim.kind, best.mean >= claim.value, best.mean, claim.value, detail)
+
+
+def check_recovers(claim: Claim, spec: TableSpec, cells: Cells) -> ClaimResult:
+    """Passes when the series closes >= ``min_fraction`` of the gap from ``than`` up to the reference
+    (tables without x: "a skeptical student recovers most of what the nasty teacher took")."""
+    d = spec.y.decimals
+    high_series = reference_series(claim, spec)
+    found = {k: find_cell(cells, k, None if spec.x is None else reference_x(claim, spec))
+             for k in (claim.series, claim.than, high_series)}
+    missing = [k for k, cell in found.items() if cell is None]
+    if missing:
+        return ClaimResult(claim.name, claim.kind, False, None, claim.min_fraction, f"no result for {missing[0]}")
+    ours, low, high = (found[k].mean for k in (claim.series, claim.than, high_series))
+    gap = high - low
+    if gap <= 0:
+        return ClaimResult(claim.name, claim.kind, False, None, claim.min_fraction,
+                           f"no gap to recover: {high_series} {_fmt(high, d)} <= {claim.than} {_fmt(low, d)}")
+    fraction = (ours - low) / gap
+    detail = (f"({claim.series} {_fmt(ours, d)} − {claim.than} {_fmt(low, d)}) / ({high_series} {_fmt(high, d)} − "
+              f"{claim.than} {_fmt(low, d)}) = {fraction:.2f}; needs >= {claim.min_fraction:g}")
+    return ClaimResult(claim.name, claim.kind, fraction >= claim.min_fraction, fraction, claim.min_fraction, detail)
 
 
 # --------------------------------------------------------------------------- rows and paper numbers

@@ -205,11 +205,13 @@ class HFClassifier(nn.Module):
 
     @classmethod
     def load(cls, name: str, num_classes: int) -> HFClassifier:
+        import transformers
         from transformers import AutoModelForSequenceClassification
 
         from effml.models.bert import MINILM, _from_hub, _source
 
         source, local_only = _source(name, verify=name == MINILM)
+        transformers.logging.set_verbosity_error()  # its load report: we say ourselves what a missing head means
         model, info = _from_hub(
             AutoModelForSequenceClassification.from_pretrained, name, source, local_only,
             num_labels=num_classes, output_loading_info=True, attn_implementation="eager",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,10 @@ def _hub_offline() -> bool:
 
 def _from_hub(load, name: str, source: str, local_only: bool, **kwargs):
     """``load(source, ...)`` with transformers' multi-line OSError turned into one EffmlError line."""
+    if not sys.stderr.isatty():  # a log file or a pipe: no "Loading weights" bar in front of error lines
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return load(source, local_files_only=local_only, **kwargs)
     except OSError as err:

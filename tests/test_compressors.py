@@ -17,6 +17,7 @@ SMOKE_DATA = {"earlybert": ["model=minilm_l6", "data=rotten_tomatoes", "data.tra
 SMOKE_DATA["bert_lottery"] = [*SMOKE_DATA["earlybert"], "compressor.search_batches=1"]
 # Distillers need a teacher: a wider LeNet trained in the run's first stage.
 SMOKE_DATA["kd"] = ["data=digits", "compressor.teacher.model={name:lenet_300_100,hidden:[256,128]}"]
+SMOKE_DATA["deit"] = [*SMOKE_DATA["kd"], "model=vit_tiny", "model.dim=32", "model.depth=2", "model.heads=2"]  # a small ViT student
 
 
 @pytest.mark.parametrize("name", COMPRESSORS.names())

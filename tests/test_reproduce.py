@@ -123,6 +123,38 @@ def test_exceeds_aggregates_the_common_x_values(tmp_path, at, passed, ours):
     assert result.ours == pytest.approx(ours)
 
 
+# A table without x: the nasty-teacher shape (student alone > skeptical > KD from a nasty teacher).
+GAP_TABLE = {**{k: v for k, v in LEVELS_TABLE.items() if k not in ("points", "x")},
+             "series": [{"key": "alone"}, {"key": "nasty"}, {"key": "skeptical"}], "reference": {"series": "alone"}}
+GAP_CELLS = {"alone": {None: [90.0, 90.2]}, "nasty": {None: [80.0, 80.2]}, "skeptical": {None: [88.0, 88.2]}}
+
+
+@pytest.mark.parametrize("min_fraction, passed", [(0.5, True), (0.8, True), (0.85, False)])
+def test_recovers_measures_the_closed_fraction_of_the_gap(tmp_path, min_fraction, passed):
+    result = claim(tmp_path, GAP_TABLE, cells_of(GAP_CELLS), kind="recovers", series="skeptical",
+                   than="nasty", min_fraction=min_fraction)
+    assert result.passed is passed and result.ours == pytest.approx(0.8), result.detail
+
+
+def test_recovers_fails_when_there_is_no_gap(tmp_path):
+    cells = cells_of({**GAP_CELLS, "nasty": {None: [91.0]}})
+    result = claim(tmp_path, GAP_TABLE, cells, kind="recovers", series="skeptical", than="nasty", min_fraction=0.5)
+    assert not result.passed and "no gap" in result.detail
+
+
+@pytest.mark.parametrize("value, passed", [(85.0, True), (88.2, False)])
+def test_above_compares_with_a_fixed_bar(tmp_path, value, passed):
+    result = claim(tmp_path, GAP_TABLE, cells_of(GAP_CELLS), kind="above", series="skeptical", value=value)
+    assert result.passed is passed and result.ours == pytest.approx(88.1)
+
+
+def test_new_claim_kinds_need_their_fields(tmp_path):
+    with pytest.raises(EffmlError, match="above needs a value"):
+        spec_of(tmp_path, GAP_TABLE, claims=[{"name": "c", "kind": "above", "series": "nasty"}])
+    with pytest.raises(EffmlError, match="recovers needs 'than'"):
+        spec_of(tmp_path, GAP_TABLE, claims=[{"name": "c", "kind": "recovers", "series": "nasty"}])
+
+
 def test_exceeds_respects_the_x_range(tmp_path):
     result = claim(tmp_path, LEVELS_TABLE, cells_of(TICKET_VS_REINIT), kind="exceeds", series="ticket",
                    than="reinit", margin=1.0, min_x=15, at="lowest_x")
