@@ -23,8 +23,8 @@ In training the student returns its class head's logits (the task's cross-entrop
 1 − α, uses them); this compressor reads the distillation head's logits with a forward hook on
 ``head_dist`` (``FeatureTap``), opened in ``attach`` and closed in ``finalize``. The token and its
 head are part of the deployed DeiT model: ``finalize`` keeps them. After every student stage the
-report gives each head's test accuracy and how often it agrees with the teacher (Table 3; §5.2
-on agreement with the convnet teacher).
+report gives each head's test accuracy and how often it agrees with the teacher (Table 3; Table 4 for the
+agreement with the convnet teacher).
 """
 
 from __future__ import annotations

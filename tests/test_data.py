@@ -337,3 +337,21 @@ def test_hub_images_are_converted_to_nchw():
         x, y = images_from_hf(split, "image")
         assert x.shape == (4, *expected) and x.dtype == np.uint8 and y.tolist() == [0, 1, 2, 1]
         assert np.array_equal(x[2], images[2][None] if len(shape) == 2 else images[2].transpose(2, 0, 1))
+
+
+def test_augmentation_shifts_and_mirrors_training_images_only():
+    from effml.data.images import FashionMNIST, FashionMNISTConfig
+
+    plain = FashionMNIST(FashionMNISTConfig(train_subset=64))
+    augmented = FashionMNIST(FashionMNISTConfig(train_subset=64, augment=True))
+    plain.setup(), augmented.setup()
+    original = plain.splits["train"][3]["x"]
+    padded = torch.nn.functional.pad(original, (2,) * 4, value=float(original.min()))
+    crops = [padded[:, dy : dy + 28, dx : dx + 28] for dy in range(5) for dx in range(5)]
+    allowed = crops + [c.flip(-1) for c in crops]
+    torch.manual_seed(0)
+    views = [augmented.splits["train"][3]["x"] for _ in range(30)]
+    assert all(any(torch.equal(v, a) for a in allowed) for v in views)  # a shift by <= 2 pixels, maybe mirrored
+    assert len({tuple(v.flatten().tolist()) for v in views}) > 5  # and random
+    for split in ("val", "test"):
+        assert torch.equal(augmented.splits[split][0]["x"], plain.splits[split][0]["x"])
