@@ -1,12 +1,12 @@
 """Self-distillation: shallow classifiers that learn from the network's own deepest classifier.
 
 Zhang, Song, Gao, Chen, Bao, Ma, "Be Your Own Teacher: Improve the Performance of Convolutional
-Neural Networks via Self Distillation", ICCV 2019 (arXiv 1905.08094), §3; and Zhang, Bao, Ma,
-"Self-Distillation: Towards Efficient and Compact Neural Networks", TPAMI 44(8), 2022, §3 (shallow
-classifiers, attention modules) and §3.4 (dynamic inference, genetic threshold search).
+Neural Networks via Self Distillation", ICCV 2019 (arXiv 1905.08094), §3 (the training framework);
+and Zhang, Bao, Ma, "Self-Distillation: Towards Efficient and Compact Neural Networks", TPAMI 44(8),
+2022, §3 (shallow classifiers with attention modules; dynamic inference with a genetic threshold search).
 
 The network is cut into sections; after each section but the last (``exits``, module paths, shallow
-to deep) a shallow classifier g_i is attached: an attention module (TPAMI §3.3: a separable conv of
+to deep) a shallow classifier g_i is attached: an attention module (TPAMI: a separable conv of
 stride 2, bilinear upsampling back and a sigmoid, multiplied into the features), an alignment net
 (one SepConv of stride 2 per channel doubling, so its output has the channels of the last section,
 then global average pooling: the feature F_i) and a linear layer (logits q_i). The deepest classifier
@@ -15,18 +15,22 @@ g_C is the model's own head (``classifier``) on its pooled last-section feature 
     L = CE(q_C, y) + Σ_{i<C} [ (1 − α)·CE(q_i, y) + α·KL(softmax(q_C/τ) ‖ softmax(q_i/τ)) ]
                    + λ · Σ_{i<C} mean_batch ‖F_i − F_C‖²
 
-The deepest classifier trains on the cross-entropy alone (TPAMI §3.2: its α and λ are 0; the
+The deepest classifier trains on the cross-entropy alone (TPAMI: its α and λ are 0; the
 task's own cross-entropy, ``hard_loss_weight`` 1); the teacher side (q_C, F_C) is detached, as in
 the official code (ArchipLab-LinfengZhang/pytorch-self-distillation-final: ``outputs[0].detach()``),
 so the shallow terms never pull the deepest classifier towards the shallow ones (the backbone below
 an exit still learns from that exit's terms: that is what improves it). Defaults are the official
-code's: α = 0.3 (``loss_coefficient``), τ = 3, λ = 0.03 (``feature_loss_coefficient``); the code's
-soft cross-entropy has the KL's gradient and no τ² factor (``t_squared`` adds Hinton's τ²).
+code's: α = 0.3 (``loss_coefficient``) and τ = 3; its soft cross-entropy has the KL's gradient and no
+τ² factor (``t_squared`` adds Hinton's τ²). λ = 0.03 is the ``feature_loss_coefficient`` of code built
+on the authors' release (the final release has no feature term; that code multiplies λ with the
+unsquared norm over the whole batch, ``torch.dist``); we keep the paper's squared norm per sample,
+averaged over the batch, whose gradient at batch 128 is within a few times the code's.
 ``detach_backbone=true`` is our control, not the paper's: the shallow classifiers see detached
-features, so the backbone trains exactly as the plain network does (the table's baseline series),
-with the classifiers learned on top of it.
+features, so the backbone gets the plain network's gradients and trains as it does (the table's
+baseline series; bit-identical only where the kernels are deterministic), with the classifiers
+learned on top of it.
 
-Dynamic inference (TPAMI §3.4): a sample leaves at the first shallow classifier whose top softmax
+Dynamic inference (TPAMI): a sample leaves at the first shallow classifier whose top softmax
 probability is >= that classifier's threshold; if none is confident, the ensemble (mean logits) of
 all classifiers answers (``fallback=ensemble``, the paper) or the deepest (``fallback=deepest``).
 Exiting at i costs the backbone up to exit i plus the heads of exits 1..i (each was evaluated and
@@ -37,12 +41,15 @@ is 2; BN, pooling and activations are not counted, as everywhere in effml.measur
 the ensemble's, a sweep of one shared threshold over all shallow classifiers (``thresholds``), and,
 per FLOPs budget (``flops_budgets``, fractions of the plain network's FLOPs), per-classifier
 thresholds found by a genetic algorithm on the validation split (the paper's method: thresholds
-encoded as binary genes, fitness from accuracy and cost; ours: ``search_bits`` bits per threshold,
-tournament selection, one-point crossover, bit-flip mutation, elitism, the initial population seeded
-with the shared-threshold sweep so the search never does worse than it; fitness = validation
-accuracy when the average FLOPs are within the budget, else minus the excess) and then applied to
-the test split. It writes the accuracy-vs-average-FLOPs plot (``self_distill_dynamic.png``) and the
-shallow classifiers with the chosen thresholds (``self_distill_exits.pt``) into the run directory.
+encoded as binary genes, fitness from accuracy and cost; the paper gives no GA settings, ours:
+``search_bits`` bits per threshold on [0, 1], tournaments of 3, one-point crossover with probability
+0.9, bit-flip mutation with probability 1/(genome length), 2 elites, the initial population seeded
+with the shared-threshold sweep, and the result never worse than the sweep's best; fitness =
+validation accuracy when the average FLOPs are within the budget, else minus the relative excess, so
+every feasible point beats every infeasible one) and then applied to the test split (``search=grid``
+takes the best shared threshold of the sweep instead). It writes the accuracy-vs-average-FLOPs plot
+(``self_distill_dynamic.png``) and the shallow classifiers with the chosen thresholds
+(``self_distill_exits.pt``) into the run directory.
 
 The finalized model is the plain network (its deepest classifier): the shallow classifiers and
 hooks are removed, so ``model.pt`` loads as a plain ResNet (e.g. as a teacher) and the run's
@@ -130,7 +137,7 @@ class SepConv(nn.Sequential):
 
 
 class Attention(nn.Module):
-    """TPAMI §3.3: a mask from a strided SepConv, upsampled back (bilinear), sigmoid, times the input."""
+    """TPAMI's attention: a mask from a strided SepConv, upsampled back (bilinear), sigmoid, times the input."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -250,7 +257,7 @@ def genetic_search(
     out: ExitOutputs, costs: np.ndarray, budget: float, fallback: str, rng: np.random.Generator,
     population: int = 40, generations: int = 40, bits: int = 10, seeds=(),
 ) -> list[float]:
-    """Per-classifier thresholds maximizing ``fitness`` (TPAMI §3.4: binary genes, fitness from
+    """Per-classifier thresholds maximizing ``fitness`` (TPAMI: binary genes, fitness from
     accuracy and cost). ``seeds`` (shared thresholds, e.g. the sweep, or per-classifier lists) join the
     first population, and the result is never worse than the best of them."""
     genes, scale = out.confidence.shape[0] - 1, 2**bits - 1
@@ -298,6 +305,14 @@ def grid_search(out: ExitOutputs, costs: np.ndarray, budget: float, fallback: st
 
 
 # -- the compressor ----------------------------------------------------------------------------
+def autocast_dtype(hardware: Any, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a mixed-precision run on the GPU (Lightning's bf16-mixed / 16-mixed)."""
+    precision = str(getattr(hardware, "precision", "32-true"))
+    if device.type != "cuda" or not precision.endswith("-mixed"):
+        return None
+    return torch.bfloat16 if precision.startswith("bf16") else torch.float16
+
+
 @COMPRESSORS.register("self_distill", SelfDistillConfig)
 class SelfDistillation(Compressor):
     """Shallow classifiers at several depths learn from the deepest (Zhang et al., ICCV 2019 / TPAMI 2022)."""
@@ -339,7 +354,8 @@ class SelfDistillation(Compressor):
         try:
             return model.get_submodule(path)
         except AttributeError:
-            raise EffmlError(f"compressor.exits: the model has no module '{path}'") from None
+            raise EffmlError(f"compressor.exits: the model ({type(model).__name__}) has no module '{path}'; "
+                             "self_distill attaches classifiers to a CNN's stages, e.g. model=resnet20") from None
 
     def _capture_final(self, module, args) -> None:
         self.final_feature = args[0]
@@ -396,7 +412,7 @@ class SelfDistillation(Compressor):
         if self.datamodule is not None:
             device = torch.device("cuda" if getattr(hardware, "accelerator", "cpu") == "gpu"
                                   and torch.cuda.is_available() else "cpu")
-            self.results = self.measure(model, device)
+            self.results = self.measure(model, device, autocast_dtype(hardware, device))
             self.save_exits()
             self.plot()
         self.detach_from(model)
@@ -412,12 +428,14 @@ class SelfDistillation(Compressor):
         if hasattr(model, HEADS):
             delattr(model, HEADS)
 
-    def measure(self, model: nn.Module, device: torch.device) -> dict[str, Any]:
+    def measure(self, model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
         was_training = model.training
         model.to(device).eval()
         try:
             flops = self.count_flops(model, device)
-            splits = {s: self.split_outputs(model, s, device) for s in ("val", "test")}
+            # the precision the run evaluates in, so the deepest classifier's accuracy is the run's test_acc
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                splits = {s: self.split_outputs(model, s, device) for s in ("val", "test")}
         finally:
             model.cpu().train(was_training)
         return self.summarize(flops, splits)
@@ -477,6 +495,7 @@ class SelfDistillation(Compressor):
             "flops": float(standalone[i]),  # this classifier alone: backbone up to it + its head
             "flops_reached": float(reached[i]),  # exiting here in dynamic inference
             "flops_fraction": float(standalone[i] / full),
+            "head_flops": flops["heads"][i] if i < k - 1 else None,
             "head_params": params[i] if i < k - 1 else None,
         } for i in range(k)]
         sweep = [self.point(splits["test"], [t] * (k - 1), reached, full, threshold=t) for t in self.cfg.thresholds]
@@ -558,7 +577,7 @@ class SelfDistillation(Compressor):
         axes.axvline(r["plain_flops"] / mega, color="black", linestyle="--", linewidth=1, label="plain network FLOPs")
         axes.set_xlabel("average FLOPs per sample (M)")
         axes.set_ylabel("test accuracy (%)")
-        axes.set_title("Self-distillation: dynamic inference (Zhang et al., TPAMI 2022, §3.4)", fontsize=9)
+        axes.set_title("Self-distillation: dynamic inference (Zhang et al., TPAMI 2022)", fontsize=9)
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
         path = self.run_dir / "self_distill_dynamic.png"

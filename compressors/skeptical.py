@@ -1,7 +1,7 @@
 """Skeptical student: learn from a (possibly nasty) teacher at a shallow auxiliary classifier.
 
 Kundu, Sun, Fu, Pedram, Beerel, "Analyzing the Confidentiality of Undistillable Teachers in
-Knowledge Distillation", NeurIPS 2021, §4 (Eqs. 2–3, Fig. 3). Distilling a nasty teacher (Ma et al.,
+Knowledge Distillation", NeurIPS 2021, §4 (the hybrid distillation loss; results in Table 2). Distilling a nasty teacher (Ma et al.,
 ICLR 2021; compressors/nasty_teacher.py) into a shallow subsection of the student hurts far less
 than into the whole student (their Fig. 1c). So the student gets auxiliary classifiers (ACs) at
 shallow points, the teacher's soft targets go only to one of them, and the final classifier learns
@@ -150,7 +150,12 @@ class SkepticalStudent(Distiller):
         return self.cfg.gamma3 if self.distilling else 1.0
 
     def aux_logits(self) -> dict[str, Tensor]:
-        return {p: self.aux[aux_key(p)](self.tap.features[p]) for p in self.cfg.aux_paths}
+        features = self.tap.features
+        for path in self.cfg.aux_paths:
+            if features[path].dim() != 4:  # e.g. a module that ends in Flatten
+                raise EffmlError(f"compressor.aux_paths: the student's module '{path}' gives "
+                                 f"{tuple(features[path].shape)}, not a conv feature map (N, C, H, W)")
+        return {p: self.aux[aux_key(p)](features[p]) for p in self.cfg.aux_paths}
 
     def loss(self, task, batch: dict, logits: Tensor) -> Tensor | None:
         if not self.distilling:
@@ -166,7 +171,9 @@ class SkepticalStudent(Distiller):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not self.distilling or not self.tap.features:
             return
-        for path, logits in self.aux_logits().items():
+        with trainer.precision_plugin.forward_context():  # the tapped features are bf16 under bf16-mixed
+            aux = self.aux_logits()
+        for path, logits in aux.items():
             self._correct[path] += int((logits.argmax(-1) == batch["labels"]).sum())
         self._seen += batch["labels"].numel()
 

@@ -16,7 +16,7 @@ widths differ (MiniLM-style students of the teacher's width need none) and leave
 ``finalize``. MSEs average over the real tokens (and real query/key pairs for A): the padding
 positions carry no language; the official code also averages over padding, setting masked scores to 0.
 
-Layer mapping g (§4.5 compares them): ``uniform`` g(m) = ⌈m·N/M⌉ (the paper's default: every N/M-th
+Layer mapping g (the paper's ablation compares these): ``uniform`` g(m) = ⌈m·N/M⌉ (the paper's default: every N/M-th
 layer, g(M) = N), ``top`` g(m) = N − M + m, ``bottom`` g(m) = m, or an explicit ``layer_map`` list of
 teacher layers numbered 1..N. Teacher attention scores need equal head counts per mapped pair (the
 paper keeps h = 12 in both); vocabularies must match (inputs are shared token by token).
@@ -54,7 +54,7 @@ from effml.compressors._distill import DistillConfig, Distiller, without_labels
 from effml.compressors.base import Stage
 from effml.errors import EffmlError
 from effml.registry import COMPRESSORS
-from effml.teachers import FeatureTap, Teacher, TeacherConfig, build_teacher
+from effml.teachers import FeatureTap, HFClassifier, Teacher, TeacherConfig, build_teacher, check_outputs
 
 MAPPINGS = ("uniform", "top", "bottom")
 TERMS = ("embedding", "hidden", "attention", "prediction")
@@ -74,9 +74,9 @@ class TinyBERTConfig(DistillConfig):
     general_lr_scale: float = 2.0  # 1e-4, BERT pre-training's
     intermediate_lr_scale: float = 1.0  # 5e-5
     prediction_lr_scale: float = 0.6  # 3e-5
-    mapping: str = "uniform"  # g(m): uniform | top | bottom (§4.5)
+    mapping: str = "uniform"  # g(m): uniform | top | bottom (the paper's mapping ablation)
     layer_map: list[int] | None = None  # explicit g(1..M), teacher layers numbered 1..N; overrides mapping
-    embedding_weight: float = 1.0  # λ of L_embd (0: the ablation "w/o Embd", Table 6)
+    embedding_weight: float = 1.0  # λ of L_embd (0: the ablation "w/o Embd")
     hidden_weight: float = 1.0  # λ of L_hidn ("w/o Hidn")
     attention_weight: float = 1.0  # λ of L_attn ("w/o Attn")
     prediction_weight: float = 1.0  # λ of L_pred ("w/o Pred")
@@ -249,14 +249,27 @@ class TinyBERT(Distiller):
         return model
 
     def prepare(self, plan, datamodule) -> None:
-        super().prepare(plan, datamodule)  # the fine-tuned teacher, checked against the data
+        """Distiller.prepare's steps, with the structural checks before the teacher first runs on the
+        data (a teacher of another vocabulary would fail there with an IndexError)."""
+        self.teacher_module = self.build(self.cfg.teacher, "teacher", plan, datamodule)
         if self.cfg.general_epochs:
-            try:
-                module = build_teacher(self.cfg.general_teacher, datamodule, plan.cfg.output_root, plan.cfg.seed)
-            except EffmlError as err:
-                raise EffmlError(str(err).replace("compressor.teacher", "compressor.general_teacher")) from None
-            self.general_module = module
+            self.general_module = self.build(self.cfg.general_teacher, "general_teacher", plan, datamodule)
         self.bind(self.student_model, self.teacher_module, self.general_module)
+        module = self.teacher_module
+        if isinstance(module, HFClassifier) and not module.trained_head and self.needs_teacher_logits:
+            raise EffmlError(
+                f"teacher {self.cfg.teacher.path} has no trained classification head; the prediction stage needs "
+                "the teacher's logits: fine-tune it first (teacher.source=run or recipe), or compressor.prediction_epochs=0"
+            )
+        check_outputs(module, datamodule)
+        self.teacher = Teacher(module)
+
+    @staticmethod
+    def build(cfg: TeacherConfig, kind: str, plan, datamodule) -> nn.Module:
+        try:
+            return build_teacher(cfg, datamodule, plan.cfg.output_root, plan.cfg.seed)
+        except EffmlError as err:  # effml.teachers names compressor.teacher in its messages
+            raise EffmlError(str(err).replace("compressor.teacher", f"compressor.{kind}")) from None
 
     def bind(self, student: nn.Module, teacher: nn.Module, general: nn.Module | None = None) -> None:
         """Check the student against its teachers, fix g, and add W_e, W_h when the widths differ.

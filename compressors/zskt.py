@@ -244,27 +244,28 @@ class ZeroShotKT(Distiller):
             return
         device = batch["x"].device
         self.place(device)
-        if self.batches % self.cfg.student_steps == 0:  # a new cycle: fresh z, then the generator steps
-            self.z = torch.randn(self.cfg.batch_size, self.cfg.z_dim, generator=self.rng)
-            lr = self.generator_lr(trainer.global_step, trainer.estimated_stepping_batches)
-            with trainer.precision_plugin.forward_context():
+        with trainer.precision_plugin.forward_context():  # the precision the student trains in
+            if self.batches % self.cfg.student_steps == 0:  # a new cycle: fresh z, then the generator steps
+                self.z = torch.randn(self.cfg.batch_size, self.cfg.z_dim, generator=self.rng)
+                lr = self.generator_lr(trainer.global_step, trainer.estimated_stepping_batches)
                 for _ in range(self.cfg.generator_steps):
                     self.generator_step(pl_module.model, self.z.to(device), lr)
-            self._teacher_cache = None
-        with torch.no_grad():  # the authors regenerate every batch too (the generator stays in train mode)
-            x = self.generator(self.z.to(device)).to(batch["x"].dtype)
+                self._teacher_cache = None
+                pl_module.log("train/generator_kl", self.last_generator_kl, batch_size=self.cfg.batch_size)
+            with torch.no_grad():  # the authors regenerate every batch too (the generator stays in train mode)
+                x = self.generator(self.z.to(device)).to(batch["x"].dtype)
+            logits, _ = self.teacher_outputs(x)
         batch["x"] = x
-        logits, _ = self.teacher_outputs(x)
         batch["labels"] = logits.argmax(-1)  # no true labels; train/acc reads as agreement with the teacher
         self.batches += 1
 
     def place(self, device: torch.device) -> None:
-        """Move the generator (and the teacher) to the student's device; the optimizer state follows."""
-        self.teacher_module.to(device).eval()
+        """Move the generator and the teacher to the student's device; the optimizer state follows."""
         if next(self.generator.parameters()).device == device:
             return
         state = self.optimizer.state_dict()
         self.generator.to(device)
+        self.teacher_module.to(device)  # the generator's step calls it directly, with gradients to x
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.cfg.generator_lr)
         self.optimizer.load_state_dict(state)  # casts the moments to the parameters' device
 
@@ -272,7 +273,8 @@ class ZeroShotKT(Distiller):
         """One ascent step on D_KL(T(G(z)) ‖ S(G(z))); only the generator's parameters move."""
         self.generator.train()
         x = self.generator(z)
-        kl = belief_kl(student(x=x), self.teacher_module(x=x), self.cfg.temperature, self.cfg.kl_reduction)
+        teacher = self.teacher_module.eval()  # frozen: its BN keeps the statistics of real data
+        kl = belief_kl(student(x=x), teacher(x=x), self.cfg.temperature, self.cfg.kl_reduction)
         params = list(self.generator.parameters())
         grads = torch.autograd.grad(-kl, params)  # student and teacher get no gradients
         for p, g in zip(params, grads, strict=True):

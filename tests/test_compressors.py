@@ -18,6 +18,12 @@ SMOKE_DATA["bert_lottery"] = [*SMOKE_DATA["earlybert"], "compressor.search_batch
 # Distillers need a teacher: a wider LeNet trained in the run's first stage.
 SMOKE_DATA["kd"] = ["data=digits", "compressor.teacher.model={name:lenet_300_100,hidden:[256,128]}"]
 SMOKE_DATA["deit"] = [*SMOKE_DATA["kd"], "model=vit_tiny", "model.dim=32", "model.depth=2", "model.heads=2"]  # a small ViT student
+SMOKE_DATA["nasty_teacher"] = SMOKE_DATA["kd"]  # the LeNet trained in the first stage is the adversary
+SMOKE_DATA["skeptical"] = [*SMOKE_DATA["kd"], "model=resnet20", "model.depth=8", "model.width=8"]  # ACs after layer1/2
+SMOKE_DATA["tinybert"] = [*SMOKE_DATA["earlybert"], "model.pretrained=null", "+model.hf_config.hidden_size=32", "+model.hf_config.num_hidden_layers=2", "+model.hf_config.num_attention_heads=4", "+model.hf_config.intermediate_size=64", "compressor.teacher={source:stage,epochs:1,model:{name:bert,pretrained:null,hf_config:{hidden_size:64,num_hidden_layers:4,num_attention_heads:4,intermediate_size:128}}}", "compressor.intermediate_epochs=1", "compressor.prediction_epochs=1"]  # random tiny BERTs, W_h 32→64
+SMOKE_DATA["self_distill"] = ["data=digits", "model=resnet20", "model.depth=8", "model.width=8"]  # exits after layer1/2
+SMOKE_DATA["zskt"] = [*SMOKE_DATA["kd"], "compressor.beta=0", "compressor.student_steps=1",  # data-free: MLPs learn
+                      "compressor.iterations_per_epoch=40", "compressor.batch_size=64"]  # fastest; AT in test_zskt
 
 
 @pytest.mark.parametrize("name", COMPRESSORS.names())

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_resume import kill_when, start
 
 from conftest import TINY, metrics_of, one_line_error
 from effml.compressors._distill import soft_kl
@@ -17,7 +18,6 @@ from effml.compressors.kd import KDConfig, KnowledgeDistillation
 from effml.config import TrainerConfig
 from effml.task import ClassificationTask
 from effml.teachers import FeatureTap, fold_masks
-from test_resume import kill_when, start
 
 DIGITS = ["data=digits", *TINY]
 TEACHER = "compressor.teacher.model={name:lenet_300_100,hidden:[256,128]}"
