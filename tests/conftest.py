@@ -9,8 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cores: one thread each,
+    torch.set_num_threads(1)  # not 2 + 2 fighting over the cores (also for the runs they start)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 # A run that exercises every stage on real data in seconds: few examples, few batches.
 TINY = [
@@ -54,6 +60,18 @@ def one_line_error(code: int, err: str, message: str) -> None:
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("effml: error: ") and message in lines[0], err
+
+
+class Linear(nn.Module):
+    """A 4 → 3 linear classifier with seeded weights: a student or teacher for loss checks by hand."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.classifier = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.classifier(x)
 
 
 def metrics_of(root: Path) -> dict:

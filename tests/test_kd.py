@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from test_resume import kill_when, start
 
-from conftest import TINY, metrics_of, one_line_error
+from conftest import TINY, Linear, metrics_of, one_line_error
 from effml.compressors._distill import soft_kl
 from effml.compressors.kd import KDConfig, KnowledgeDistillation
 from effml.config import TrainerConfig
@@ -31,16 +31,6 @@ def test_soft_kl_is_hintons_t_squared_scaled_kl():
     by_hand = (p * (p.log() - torch.log_softmax(student / t, -1))).sum() * t * t
     assert soft_kl(student, teacher, t) == pytest.approx(by_hand.item(), rel=1e-6)
     assert soft_kl(teacher, teacher, t) == pytest.approx(0.0, abs=1e-7)
-
-
-class Linear(torch.nn.Module):
-    def __init__(self, seed: int):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.classifier = torch.nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.classifier(x)
 
 
 def test_the_task_adds_alpha_soft_to_one_minus_alpha_hard():

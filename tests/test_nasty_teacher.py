@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY, metrics_of, one_line_error
+from conftest import TINY, Linear, metrics_of, one_line_error
 from effml.compressors._distill import soft_kl
 from effml.compressors.nasty_teacher import NastyTeacher, NastyTeacherConfig, adversarial_kl, soft_stats
 from effml.compressors.skeptical import AUX_ATTR, SkepticalConfig, SkepticalStudent, skeptical_loss
@@ -30,16 +30,6 @@ def test_adversarial_kl_is_kl_of_nasty_to_adversary_times_t_squared():
     # the direction of Eq. 2: KL(nasty ‖ adversary), i.e. soft_kl with the roles swapped
     assert adversarial_kl(nasty, adversary, t).item() == pytest.approx(soft_kl(adversary, nasty, t).item(), rel=1e-6)
     assert soft_stats(nasty, adversary, t)["kl_to_adversary"].mean().item() == pytest.approx(by_hand.item() / t**2)
-
-
-class Linear(torch.nn.Module):
-    def __init__(self, seed: int):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.classifier = torch.nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.classifier(x)
 
 
 def test_the_task_minimizes_ce_minus_omega_t2_kl_and_pushes_away_from_the_adversary():
