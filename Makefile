@@ -37,7 +37,7 @@ run: setup ## train a real paper recipe on embedded data (RECIPE=magnitude_lenet
 	$(EFFML) train recipe=$(RECIPE)
 
 test: setup ## the test suite (every recipe composes, every compressor fits, resume after kill, install)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=20
 
 test-fast: setup ## the tests not marked slow
 	$(PY) -m pytest -q -m "not slow"
