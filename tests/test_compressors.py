@@ -13,8 +13,8 @@ from effml.registry import COMPRESSORS
 
 # Compressors of BERT structure (heads, FFN neurons) need a BERT and text; the rest get digits.
 SMOKE_DATA = {"earlybert": ["model=minilm_l6", "data=rotten_tomatoes", "data.train_subset=128",
-                            "data.max_length=32", "trainer.limit_train_batches=2"]}
-SMOKE_DATA["bert_lottery"] = [*SMOKE_DATA["earlybert"], "compressor.search_batches=1"]
+                            "data.max_length=32", "trainer.limit_train_batches=2", "data.eval_batch_size=64"]}
+SMOKE_DATA["bert_lottery"] = [*SMOKE_DATA["earlybert"], "compressor.search_batches=1", "compressor.max_steps=2"]
 # Distillers need a teacher: a wider LeNet trained in the run's first stage.
 SMOKE_DATA["kd"] = ["data=digits", "compressor.teacher.model={name:lenet_300_100,hidden:[256,128]}"]
 SMOKE_DATA["deit"] = [*SMOKE_DATA["kd"], "model=vit_tiny", "model.dim=32", "model.depth=2", "model.heads=2"]  # a small ViT student

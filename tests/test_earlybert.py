@@ -17,7 +17,7 @@ from effml.data import DataInfo
 from effml.models import bert_surgery as surgery
 from effml.models.bert import BertClassifier, BertClassifierConfig
 
-TOY = ["recipe=earlybert", "data.train_subset=320", "data.batch_size=32", "data.max_length=32",
+TOY = ["recipe=earlybert", "data.train_subset=320", "data.batch_size=32", "data.eval_batch_size=32", "data.max_length=32",
        "compressor.check_every=2", "compressor.window=3", "trainer.limit_val_batches=2",
        "trainer.limit_test_batches=2", "trainer.progress_bar=off", "measure.batch_size=4",
        "measure.iters=2", "measure.warmup=1", "measure.min_time_s=0"]
