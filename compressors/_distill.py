@@ -72,11 +72,17 @@ class Distiller(Compressor):
 
     def prepare(self, plan, datamodule) -> None:
         self.teacher_module = build_teacher(self.cfg.teacher, datamodule, plan.cfg.output_root, plan.cfg.seed)
+        self.use_teacher(datamodule)
+
+    def use_teacher(self, datamodule, without_logits: str = "") -> None:
+        """Refuse a teacher whose logits are needed but untrained, or whose outputs do not fit the
+        data; then wrap it frozen. A method with structural checks (TinyBERT) runs them first, since a
+        teacher of another vocabulary would fail inside its first forward pass."""
         module = self.teacher_module
         if isinstance(module, HFClassifier) and not module.trained_head and self.needs_teacher_logits:
             raise EffmlError(
                 f"teacher {self.cfg.teacher.path} has no trained classification head; {self.name} needs the "
-                "teacher's logits: fine-tune it first (teacher.source=run or recipe)"
+                f"teacher's logits: fine-tune it first (teacher.source=run or recipe){without_logits}"
             )
         check_outputs(module, datamodule)
         self.teacher = Teacher(module)

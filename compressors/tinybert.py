@@ -54,7 +54,7 @@ from effml.compressors._distill import DistillConfig, Distiller, without_labels
 from effml.compressors.base import Stage
 from effml.errors import EffmlError
 from effml.registry import COMPRESSORS
-from effml.teachers import FeatureTap, HFClassifier, Teacher, TeacherConfig, build_teacher, check_outputs
+from effml.teachers import FeatureTap, Teacher, TeacherConfig, build_teacher
 
 MAPPINGS = ("uniform", "top", "bottom")
 TERMS = ("embedding", "hidden", "attention", "prediction")
@@ -249,20 +249,12 @@ class TinyBERT(Distiller):
         return model
 
     def prepare(self, plan, datamodule) -> None:
-        """Distiller.prepare's steps, with the structural checks before the teacher first runs on the
-        data (a teacher of another vocabulary would fail there with an IndexError)."""
+        """Both teachers, then the structural checks (``bind``) before the teacher first runs on the data."""
         self.teacher_module = self.build(self.cfg.teacher, "teacher", plan, datamodule)
         if self.cfg.general_epochs:
             self.general_module = self.build(self.cfg.general_teacher, "general_teacher", plan, datamodule)
         self.bind(self.student_model, self.teacher_module, self.general_module)
-        module = self.teacher_module
-        if isinstance(module, HFClassifier) and not module.trained_head and self.needs_teacher_logits:
-            raise EffmlError(
-                f"teacher {self.cfg.teacher.path} has no trained classification head; the prediction stage needs "
-                "the teacher's logits: fine-tune it first (teacher.source=run or recipe), or compressor.prediction_epochs=0"
-            )
-        check_outputs(module, datamodule)
-        self.teacher = Teacher(module)
+        self.use_teacher(datamodule, without_logits=", or compressor.prediction_epochs=0 (features only)")
 
     @staticmethod
     def build(cfg: TeacherConfig, kind: str, plan, datamodule) -> nn.Module:
