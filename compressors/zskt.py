@@ -19,7 +19,7 @@ n_S = 10, β = 250, z of dimension 100, batches of 128, Adam for both (generator
 upsample, conv 128, BN, LeakyReLU(0.2), upsample, conv 64, BN, LeakyReLU, conv to the data's
 channels and a BN without affine parameters, so its images are standardized like the data.
 
-How it fits effml: the student's stage trains on ``iterations_per_epoch`` placeholder batches that
+How it fits effml: the student's stage trains on ``iterations_per_epoch`` empty batches (slots) that
 this compressor supplies (``train_dataloader``); the datamodule only validates and tests. At each
 batch (``on_train_batch_start``) it takes the generator steps when a cycle starts, with its own
 optimizer, and writes G(z) into the batch; the task's optimizer then takes the student step on
@@ -59,7 +59,7 @@ class ZSKTConfig(DistillConfig):
     attention_layers: list[str] = field(default_factory=lambda: ["layer1", "layer2", "layer3"])
     z_dim: int = 100
     batch_size: int = 128  # generated inputs per batch
-    iterations_per_epoch: int = 500  # student steps (placeholder batches) per epoch
+    iterations_per_epoch: int = 500  # student steps (slots for generated batches) per epoch
     generator_lr: float = 1e-3  # Adam; the student's optimizer is the run's (trainer.*)
     generator_schedule: str = "cosine"  # cosine | constant, over the stage's generator steps
     generator_grad_clip: float | None = 5.0  # max gradient norm of the generator (authors' code)
