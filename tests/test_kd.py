@@ -188,3 +188,34 @@ def test_prune_while_distilling_resumes_exactly_after_kills_in_both_stages(tmp_p
     for key in ("test_acc", "val_acc", "sparsity"):
         assert reference[key] == resumed[key], key
     assert [s["test_acc"] for s in reference["stages"]] == [s["test_acc"] for s in resumed["stages"]]
+
+
+# -- how composed stages line up -----------------------------------------------------------------
+class Declares:
+    """A compressor that only declares stages."""
+
+    def __init__(self, *stages):
+        self._stages = stages
+
+    def stages(self):
+        return list(self._stages)
+
+
+def test_stages_line_up_by_role():
+    from effml.compressors.base import Stage
+    from effml.runner import stage_plan
+
+    teacher = Stage("teacher", owner="kd", role="prepare")
+    student = Stage("train", owner="kd", role="plain")
+    pruning = [Stage("train", owner="magnitude"), Stage("finetune", owner="magnitude")]
+    # the teacher first, then the pruner's stages; KD's plain student stage is not run twice
+    assert stage_plan([Declares(*pruning), Declares(teacher, student)]) == [teacher, *pruning]
+    # alone, KD trains its teacher and then its student; two plain stages of one name are one
+    assert stage_plan([Declares(teacher, student)]) == [teacher, student]
+    assert [s.name for s in stage_plan([Declares(Stage("train", role="plain")), Declares(student)])] == ["train"]
+
+
+def test_a_compressor_composed_twice_is_a_one_line_error(effml, tmp_path):
+    code, _, err = effml("train", "compressor=kd", TEACHER, "+compressor@compose.again=kd", *DIGITS)
+    one_line_error(code, err, "compressor kd appears twice")
+    assert not (tmp_path / "outputs").exists()
