@@ -246,7 +246,7 @@ class ZeroShotKT(Distiller):
         self.place(device)
         with trainer.precision_plugin.forward_context():  # the precision the student trains in
             if self.batches % self.cfg.student_steps == 0:  # a new cycle: fresh z, then the generator steps
-                self.z = torch.randn(self.cfg.batch_size, self.cfg.z_dim, generator=self.rng)
+                self.z = torch.randn(self.cfg.batch_size, self.cfg.z_dim, generator=self.rng).to(device)  # once a cycle
                 lr = self.generator_lr(trainer.global_step, trainer.estimated_stepping_batches)
                 for _ in range(self.cfg.generator_steps):
                     self.generator_step(pl_module.model, self.z.to(device), lr)
