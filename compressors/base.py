@@ -26,6 +26,10 @@ A method whose training needs parameters beyond the model's (distillation's proj
 classifiers, a distillation token) adds them to the model in ``attach`` (so they are trained,
 checkpointed and moved with it) and removes them in ``finalize``.
 
+A method that swaps layers for other kernels in ``finalize`` (quantization, 2:4 sparsity) does it
+through ``effml.kernels.select.convert_linears`` (chosen by measurement on the hardware target) and
+keeps the returned decisions, as dicts, in ``self.kernel_decisions``: the run records them.
+
 ``state_dict``/``load_state_dict`` hold everything needed to resume exactly; Lightning stores them
 in every checkpoint under ``state_key`` and the runner in every finished stage. When the runner
 resumes after a finished stage it calls ``load_state_dict`` *before* loading the model's weights,

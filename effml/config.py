@@ -64,6 +64,10 @@ class TrainerConfig:
 
 
 SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
+# Alternatives to a dense layer that `finalize` may put in place (effml.kernels.library); each is kept
+# only where it runs on this device and, under selection=measure, only where it is measured faster.
+KERNELS = ("fp8_dynamic", "int8_dynamic", "int8_weight_only", "int4_weight_only", "sparse_2to4", "sparse_2to4_cutlass")
+SELECTION = ("measure", "force", "off")
 
 
 @dataclass
@@ -78,9 +82,23 @@ class HardwareConfig:
     sdpa_backends: list[str] = field(default_factory=lambda: ["flash", "math"])  # preference order
     compile: bool = False
     channel_multiple: int = 1  # structured widths are rounded up to a multiple of this
+    fp8_training: bool = False  # torchao float8 Linear layers in training (sm_89+), per `selection` (kernels.fp8_training)
+    # Kernel selection (effml.kernels.select). None of it changes training, so none of it is hashed:
+    # a sweep over `selection` compares kernels of the same trained model.
+    kernels: list[str] = field(default_factory=list, metadata=NOT_HASHED)  # alternatives allowed here
+    # measure: time dense vs each alternative on the run's shapes, keep the fastest by `selection_margin`;
+    # force: the method's kernel, unmeasured (an error where the device cannot run it); off: stay dense
+    selection: str = field(default="measure", metadata=NOT_HASHED)
+    selection_margin: float = field(default=1.05, metadata=NOT_HASHED)  # kept only if >= this many x faster
+    kernel_cache: str = field(default="~/.cache/effml/kernels.json", metadata=NOT_HASHED)  # "" : no cache
 
     def __post_init__(self):
         _one_of("hardware", "accelerator", self.accelerator, ("cpu", "gpu", "auto"))
+        _one_of("hardware", "selection", self.selection, SELECTION)
+        for kernel in self.kernels:
+            _one_of("hardware", "kernels", kernel, KERNELS)
+        if self.selection_margin < 1:
+            raise EffmlError(f"hardware.selection_margin must be >= 1 (an alternative must not be slower); got {self.selection_margin}")
         _one_of("hardware", "matmul_precision", self.matmul_precision, ("highest", "high", "medium"))
         _one_of(
             "hardware", "precision", self.precision,

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.sparse import SparseSemiStructuredTensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 INDEX_BYTES = 4  # int32 column index per stored nonzero in CSR
@@ -35,11 +37,36 @@ INDEX_BYTES = 4  # int32 column index per stored nonzero in CSR
 # --------------------------------------------------------------------------- weights and sizes
 
 
+def _is_wrapper(t: torch.Tensor) -> bool:
+    """A tensor subclass holding other tensors: torchao's quantized weights, 2:4 semi-structured ones."""
+    return is_traceable_wrapper_subclass(t) or isinstance(t, SparseSemiStructuredTensor)
+
+
+def _values(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor a weight stands for (quantized and 2:4 weights are expanded to count zeros)."""
+    if isinstance(t, SparseSemiStructuredTensor):
+        return t.to_dense()
+    if _is_wrapper(t) and hasattr(t, "dequantize"):
+        return t.dequantize()
+    return t
+
+
+def _leaves(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The tensors that hold a (possibly wrapped) tensor's bytes: int8 data and scales, not the bf16 it stands for."""
+    if isinstance(t, SparseSemiStructuredTensor):
+        yield from (x for x in (t.packed, t.meta, t.packed_t, t.meta_t) if x is not None)
+    elif is_traceable_wrapper_subclass(t):
+        for name in t.__tensor_flatten__()[0]:
+            yield from _leaves(getattr(t, name))
+    else:
+        yield t
+
+
 def _effective_weight(module: nn.Module) -> torch.Tensor:
     """The weight the forward uses; recomputed for torch.nn.utils.prune so it is never stale."""
     if hasattr(module, "weight_orig") and hasattr(module, "weight_mask"):
         return module.weight_orig.detach() * module.weight_mask
-    return module.weight.detach()
+    return _values(module.weight.detach())
 
 
 def _effective_params(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -59,7 +86,7 @@ def _effective_params(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             if isinstance(mask, torch.Tensor):
                 yield full.removesuffix("_orig"), p.detach() * mask
             else:
-                yield full, p.detach()
+                yield full, _values(p.detach())
 
 
 def sparsity_report(model: nn.Module, layer_types: tuple[type[nn.Module], ...] = PRUNABLE) -> dict[str, Any]:
@@ -92,8 +119,8 @@ def sparsity_report(model: nn.Module, layer_types: tuple[type[nn.Module], ...] =
 def _storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
     """Bytes of distinct storages (views and tied weights count once)."""
     seen: dict[tuple, int] = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+    for t in (leaf for t in tensors if isinstance(t, torch.Tensor) for leaf in _leaves(t)):
+        if t.device.type != "meta":
             s = t.untyped_storage()
             seen[(t.device.type, s.data_ptr())] = s.nbytes()
     return sum(seen.values())
@@ -107,11 +134,24 @@ def resident_bytes(model: nn.Module) -> int:
 def model_size_bytes(model: nn.Module) -> int:
     """Dense storage of the model as it would be saved after pruning is made permanent.
 
-    A prune-reparametrized weight counts once (not weight_orig + weight_mask).
+    A prune-reparametrized weight counts once (not weight_orig + weight_mask); a quantized or 2:4
+    weight counts the bytes it holds (int8 data + scales), not those of the dtype it stands for.
     """
-    params = sum(t.numel() * t.element_size() for _, t in _effective_params(model))
+    params = sum(_nbytes(p) for _, p in _stored_params(model))
     buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if not n.endswith("_mask"))
     return params + buffers
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return sum(leaf.numel() * leaf.element_size() for leaf in _leaves(t))
+
+
+def _stored_params(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Like `_effective_params`, but wrapped (quantized, 2:4) weights as they are stored."""
+    stored = {n: p for n, p in model.named_parameters()}
+    for name, t in _effective_params(model):
+        p = stored.get(name)
+        yield name, p.detach() if p is not None and _is_wrapper(p) else t
 
 
 def sparse_size_bytes(model: nn.Module, layer_types: tuple[type[nn.Module], ...] = PRUNABLE) -> int:

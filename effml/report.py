@@ -212,8 +212,21 @@ def _run_rows(m: Mapping[str, Any]) -> list[Row]:
             if (s := _scalar(v)) is not None:
                 rows.append((f"{name}.{key}", "", s, ""))
     for key, v in (m.get("kernels") or {}).items():
-        rows.append((f"kernel {key}", "", str(v), ""))
+        rows.append((f"kernel {key}", "", _kernel_value(key, v), ""))
     return rows
+
+
+def _kernel_value(key: str, v: Any) -> str:
+    """One line per kernel entry: the attention choice with its reason, the layers as counts."""
+    if key == "attention":
+        return f"{v['kernel']}: {v['reason']}"
+    if key in ("layers", "training"):
+        counts: dict[str, int] = {}
+        for d in v:
+            label = d["kernel"] + (" (forced)" if d.get("forced") else "")
+            counts[label] = counts.get(label, 0) + 1
+        return ", ".join(f"{n} {k}" for k, n in counts.items())
+    return str(v)
 
 
 # --------------------------------------------------------------------------- public API

@@ -34,6 +34,7 @@ from effml.compressors.base import Compressor, Stage
 from effml.config import to_typed
 from effml.errors import EffmlError
 from effml.kernels import hardware as hw
+from effml.kernels import fp8_training, select
 from effml.registry import COMPRESSORS, DATASETS, MODELS
 from effml.task import ClassificationTask
 
@@ -48,6 +49,8 @@ class Plan:
     typed: dict[str, Any]
     run_dir: Path
     group: str | None = None
+    attention: dict[str, Any] | None = None  # the measured SDPA choice (effml.kernels.select)
+    training_kernels: list[dict] = dataclasses.field(default_factory=list)  # fp8 training, layer by layer
 
     @property
     def name(self) -> str:
@@ -97,6 +100,8 @@ def build(p: Plan) -> Built:
     compressors = make_compressors(t)
     for compressor in compressors:
         model = compressor.attach(model)
+    training_batch = datamodule.example_inputs(t["data"].batch_size)
+    p.training_kernels = [d.as_dict() for d in fp8_training.apply(model, t["hardware"], training_batch)]
     for compressor in compressors:
         compressor.prepare(p, datamodule)
     return Built(datamodule, ClassificationTask(model, t["trainer"], compressors), compressors, dense_reference)
@@ -114,6 +119,7 @@ def make_compressors(typed: dict) -> list[Compressor]:
 
 
 def execute(p: Plan, b: Built) -> dict:
+    select_attention(p, b)
     save_run_record(p)
     records = train_stages(p, b.task, b.datamodule, b.compressors)
     for compressor in b.compressors:
@@ -124,6 +130,34 @@ def execute(p: Plan, b: Built) -> dict:
     report.write_metrics(p.run_dir / "metrics.json", metrics)
     report.print_summary(metrics)
     return metrics
+
+
+def select_attention(p: Plan, b: Built) -> None:
+    """Under ``hardware.selection=measure``, order the SDPA backends by their measured time on this
+    model's own attention call (training batch shape), fastest first; record why."""
+    h = p.typed["hardware"]
+    if h.selection != "measure":
+        return
+    call = select.capture_attention_call(b.task.model, b.datamodule.example_inputs(p.typed["data"].batch_size))
+    if call is None:  # no attention in this model
+        return
+    order, decision = select.measured_sdpa_order(call, h, hw.sdpa_choice(h))
+    p.typed["hardware"] = dataclasses.replace(h, sdpa_backends=order)
+    p.attention = decision.as_dict()
+    log.info("attention: %s (%s)", order, decision.reason)
+
+
+def kernel_record(p: Plan, compressors: list[Compressor] = ()) -> dict[str, Any]:
+    """The run's kernel choices: hardware settings, the attention decision, every converted layer."""
+    record = hw.kernel_choices(p.typed["hardware"])
+    if p.attention:
+        record["attention"] = p.attention
+    if p.training_kernels:
+        record["training"] = p.training_kernels
+    layers = [d for c in compressors for d in getattr(c, "kernel_decisions", [])]
+    if layers:
+        record["layers"] = layers
+    return record
 
 
 # -- the stage loop --------------------------------------------------------------------------
@@ -376,7 +410,7 @@ def save_run_record(p: Plan) -> None:
         "command": " ".join(sys.argv),
         "versions": library_versions(),
         "device": hw.device_description(p.typed["hardware"]),
-        "kernels": hw.kernel_choices(p.typed["hardware"]),
+        "kernels": kernel_record(p),
     }
     (p.run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
 
@@ -411,7 +445,7 @@ def assemble_metrics(p: Plan, b: Built, records: list[dict], final: dict) -> dic
         "stages": records,
         "compressors": {c.name: c.report() for c in compressors},
         "device": hw.device_description(t["hardware"]),
-        "kernels": hw.kernel_choices(t["hardware"]),
+        "kernels": kernel_record(p, compressors),
         "versions": library_versions(),
     }
     if t["measure"].enabled:

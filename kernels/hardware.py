@@ -1,6 +1,6 @@
 """Resolve ``hardware=...`` against the machine and apply its kernel settings.
 
-``auto`` picks a preset by what is actually there (DESIGN.md §6: the H100's measured defaults
+``auto`` picks a preset by what is actually there (H200, H100, A100-class, other GPU, CPU) (DESIGN.md §6: the H100's measured defaults
 differ from an A100's). The attention backends are a preference order: the first one the device
 supports wins, and the choice is recorded with the run.
 """
@@ -38,7 +38,9 @@ def detect_preset() -> str:
     if not torch.cuda.is_available():
         return "cpu"
     major, _ = torch.cuda.get_device_capability(0)
-    return "h100" if major >= 9 else "a100" if major == 8 else "gpu_generic"
+    if major >= 9:
+        return "h200" if "H200" in torch.cuda.get_device_name(0) else "h100"
+    return "a100" if major == 8 else "gpu_generic"
 
 
 def resolve(cfg: HardwareConfig) -> HardwareConfig:
@@ -99,6 +101,8 @@ def kernel_choices(cfg: HardwareConfig) -> dict[str, Any]:
         "sdpa_backends": sdpa_choice(cfg),
         "compile": cfg.compile,
         "channel_multiple": cfg.channel_multiple,
+        "selection": cfg.selection,
+        "allowed_kernels": list(cfg.kernels),
     }
 
 

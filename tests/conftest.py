@@ -18,6 +18,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cor
     torch.set_num_threads(1)  # not 2 + 2 fighting over the cores (also for the runs they start)
     os.environ["OMP_NUM_THREADS"] = "1"
 
+# Kernel timings are cached per machine (effml.kernels.select); tests measure into their own cache.
+os.environ.setdefault("EFFML_KERNEL_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"effml-test-kernels-{os.getpid()}.json"))
+
 # A run that exercises every stage on real data in seconds: few examples, few batches.
 TINY = [
     "data.train_subset=512",

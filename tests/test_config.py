@@ -24,7 +24,7 @@ def test_every_recipe_composes_and_plans(recipe):
 @pytest.mark.parametrize("group", ["model", "data", "compressor", "hardware", "trainer", "logger"])
 def test_every_preset_composes(group):
     for option in presets(group):
-        if group == "hardware" and option in ("a100", "h100"):
+        if group == "hardware" and option in ("a100", "h100", "h200"):
             cfg = compose_config([f"{group}={option}"])  # composes; planning needs the GPU
             assert to_typed(cfg)["hardware"].accelerator == "gpu"
             continue
