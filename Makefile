@@ -45,9 +45,10 @@ test-fast: setup ## the tests not marked slow
 lint: setup ## ruff over the code
 	$(VENV)/bin/ruff check effml cli compressors models data kernels tests tools benchmarks
 
-bench: setup ## measure dense vs compressed (magnitude, structured BERT) on this machine; results in benchmarks/results/
+bench: setup ## measure dense vs compressed (magnitude, structured BERT, kernels) on this machine; results in benchmarks/results/
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/structured_bert.py
+	$(PY) benchmarks/kernels_bert.py
 
 wheelhouse: setup ## wheels of effml and its dependencies for an offline node (WHEEL_PYTHON, WHEEL_PLATFORMS)
 	rm -rf wheelhouse && mkdir -p wheelhouse

@@ -423,11 +423,11 @@ def measured_sdpa_order(call: AttentionCall, hardware: Any, backends: list[str],
             timings[backend] = round(1e3 * sorted(s)[len(s) // 2], 4)
             selector.cache.put(keys[backend], timings[backend])
     selector.cache.save()
-    # Those that ran, fastest first; then those that could not run this call (they may run another,
-    # e.g. evaluation without dropout); math, which runs anything, closes the chain.
+    # Those that ran, fastest first; unless math (which runs anything) is among them, then those that
+    # could not run this call (they may run another, e.g. evaluation without dropout), then math.
     order = sorted(timings, key=timings.__getitem__)
-    order += [b for b in backends if b not in timings and b != "math"]
-    order += [] if "math" in order else ["math"]
+    if "math" not in order:
+        order += [b for b in backends if b not in timings and b != "math"] + ["math"]
     reason = f"measured fastest of {len(timings)} backends ({'fwd+bwd' if train else 'fwd'})" if timings else "no backend measured"
     if notes:
         reason += " [" + "; ".join(notes) + "]"
