@@ -28,6 +28,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -115,15 +116,15 @@ class KernelSelector:
         self.dtype = precision_dtype(hardware.precision)
         self.cache = TimingCache(hardware.kernel_cache)
         self.decisions: list[Decision] = []
-        name = measure.device_name(self.device)
-        self.key_prefix = f"{name}|torch {torch.__version__}"
+        self.key_prefix = f"{measure.device_name(self.device)}|torch {torch.__version__}|torchao {_torchao_version()}"
 
     def choose(self, path: str, layer: nn.Linear, input_shape: tuple[int, ...], wanted: list[str]) -> nn.Module:
         """The module to use at ``path``: ``layer`` itself or a converted copy (on this device)."""
         shape = f"x{list(input_shape)} w{list(layer.weight.shape)} {str(self.dtype).removeprefix('torch.')}"
         mode = self.hardware.selection
         if mode == "off" or not wanted:
-            return self._keep(Decision(path, "dense", "hardware.selection=off", shape), layer)
+            reason = "hardware.selection=off" if mode == "off" else "dense: the method asked for no kernel"
+            return self._keep(Decision(path, "dense", reason, shape), layer)
         here = copy.deepcopy(layer).to(self.device, self.dtype)
         if mode == "force":
             return self._forced(path, here, input_shape, wanted[0], shape)
@@ -202,6 +203,13 @@ class KernelSelector:
         for d in self.decisions:
             counts[d.kernel] = counts.get(d.kernel, 0) + 1
         return counts
+
+
+def _torchao_version() -> str:
+    try:
+        return version("torchao")
+    except PackageNotFoundError:
+        return "none"
 
 
 def _forward(module: nn.Module, x: torch.Tensor):

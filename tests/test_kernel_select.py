@@ -101,7 +101,7 @@ def test_timings_are_cached_per_device_torch_shape_dtype_and_kernel(cpu, tmp_pat
     keys = json.loads((tmp_path / "kernels.json").read_text())
     prefix = f"{select.KernelSelector(cpu).key_prefix}|x[64, 256] w[512, 256] float32|"
     assert {prefix + "dense", prefix + "int8_dynamic"} <= set(keys)
-    assert f"torch {torch.__version__}" in prefix
+    assert f"torch {torch.__version__}|torchao" in prefix
     again = select.KernelSelector(cpu)
     again.choose("fc1", MLP().fc1, (64, 256), ["int8_dynamic"])
     assert again.cache.new == {}  # nothing re-measured
