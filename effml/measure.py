@@ -42,6 +42,11 @@ def _is_wrapper(t: torch.Tensor) -> bool:
     return is_traceable_wrapper_subclass(t) or isinstance(t, SparseSemiStructuredTensor)
 
 
+def holds_kernels(model: nn.Module) -> bool:
+    """Whether some weight of ``model`` is a quantized or 2:4 kernel tensor (inference-only)."""
+    return any(_is_wrapper(p) for p in model.parameters())
+
+
 def _values(t: torch.Tensor) -> torch.Tensor:
     """The plain tensor a weight stands for (quantized and 2:4 weights are expanded to count zeros)."""
     if isinstance(t, SparseSemiStructuredTensor):
@@ -633,6 +638,8 @@ def compare_dense_compressed(
     device = torch.device(device)
     models = {"dense": dense, "compressed": compressed}
     timed = compare_models(models, inputs, device, dtype, warmup, iters, min_time_s, max_iters, max_time_s)
+    inference_only = holds_kernels(compressed)  # quantized / 2:4 weights: no backward, nothing to time
+    labels = None if inference_only else labels
     if labels is not None:
         trained = compare_train_steps(models, inputs, labels, device, dtype, warmup=warmup, iters=iters, min_time_s=min_time_s)
         for k in models:
@@ -658,4 +665,6 @@ def compare_dense_compressed(
     if labels is not None:
         r["train_speedup"] = d["train_step_ms"] / c["train_step_ms"]
     r["notes"] = _notes(r, device)
+    if inference_only:
+        r["notes"].append("training step not timed: the compressed model holds inference kernels (quantized / 2:4)")
     return r
