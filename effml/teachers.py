@@ -96,11 +96,11 @@ def build_model(values: Any, info) -> nn.Module:
     return entry.target.from_config(entry.make_config(values), info)
 
 
-def load_run(run_dir: Path, info) -> nn.Module:
-    """The finalized model of a finished effml run."""
+def load_run(run_dir: Path, info, who: str = "teacher") -> nn.Module:
+    """The finalized model of a finished effml run (``who`` names it in errors)."""
     config, weights = run_dir / "config.yaml", run_dir / "model.pt"
     if not config.is_file():
-        raise EffmlError(f"teacher run {run_dir} not found (no config.yaml there)")
+        raise EffmlError(f"{who} run {run_dir} not found (no config.yaml there)")
     model_cfg = OmegaConf.load(config).model
     export = run_dir / "model"
     if (export / "config.json").is_file():  # a structurally pruned BERT (EarlyBERT, ...) exports itself
@@ -108,42 +108,44 @@ def load_run(run_dir: Path, info) -> nn.Module:
     if not weights.is_file():
         ends = sorted(glob.glob(str(run_dir / "stages" / "*" / "end.pt")))
         if not (run_dir / "metrics.json").is_file() or not ends:
-            raise EffmlError(f"teacher run {run_dir} has not finished; finish it first (rerun its command)")
+            raise EffmlError(f"{who} run {run_dir} has not finished; finish it first (rerun its command)")
         weights = Path(ends[-1])  # a run from before model.pt was written: its last stage's weights
     model = build_model(model_cfg, info)
-    load_weights(model, read_state_dict(weights), str(weights))
+    load_weights(model, read_state_dict(weights, who), str(weights), who)
     return model
 
 
-def find_recipe_run(cfg: TeacherConfig, output_root: str | Path, seed: int) -> Path:
+def find_recipe_run(cfg: TeacherConfig, output_root: str | Path, seed: int, who: str = "teacher",
+                    field: str = "teacher") -> Path:
+    """The finished run of ``cfg.recipe`` (``field`` is where ``cfg`` sits in the config, for the hint)."""
     seed = seed if cfg.seed is None else cfg.seed
     pattern = Path(output_root) / cfg.recipe / (cfg.hash or "*") / f"seed_{seed}" / "metrics.json"
     runs = sorted(Path(p).parent for p in glob.glob(str(pattern)))
     if not runs:
         raise EffmlError(
-            f"teacher: no finished run of recipe {cfg.recipe} (seed {seed}) under {output_root}/{cfg.recipe}; "
+            f"{who}: no finished run of recipe {cfg.recipe} (seed {seed}) under {output_root}/{cfg.recipe}; "
             f"train it first: effml train recipe={cfg.recipe} seed={seed}"
         )
     if len(runs) > 1:
         hashes = ", ".join(r.parent.name for r in runs)
-        raise EffmlError(f"teacher: recipe {cfg.recipe} has finished runs of several configs ({hashes}); set teacher.hash")
+        raise EffmlError(f"{who}: recipe {cfg.recipe} has finished runs of several configs ({hashes}); set {field}.hash")
     return runs[0]
 
 
-def read_state_dict(path: Path) -> dict[str, Tensor]:
+def read_state_dict(path: Path, who: str = "teacher") -> dict[str, Tensor]:
     """Weights from a Lightning ``.ckpt``, an effml ``end.pt`` or a plain state dict; masks folded in."""
     if not path.is_file():
-        raise EffmlError(f"teacher checkpoint {path} not found")
+        raise EffmlError(f"{who} checkpoint {path} not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means the file is unusable
-        raise EffmlError(f"teacher checkpoint {path} does not load ({type(e).__name__})") from None
+        raise EffmlError(f"{who} checkpoint {path} does not load ({type(e).__name__})") from None
     if isinstance(state, dict) and "state_dict" in state:  # Lightning: the task's keys, model.<...>
         state = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
     elif isinstance(state, dict) and isinstance(state.get("model"), dict):  # effml end.pt
         state = state["model"]
     if not isinstance(state, dict):
-        raise EffmlError(f"teacher checkpoint {path} holds no state dict")
+        raise EffmlError(f"{who} checkpoint {path} holds no state dict")
     return fold_masks(state)
 
 
@@ -160,18 +162,18 @@ def fold_masks(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def load_weights(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
+def load_weights(model: nn.Module, state: dict[str, Tensor], where: str, who: str = "teacher") -> None:
     own = model.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
             raise EffmlError(
-                f"teacher weights in {where} do not fit: {key} is {tuple(value.shape)}, the model's is "
+                f"{who} weights in {where} do not fit: {key} is {tuple(value.shape)}, the model's is "
                 f"{tuple(own[key].shape)} (another architecture, or another number of classes?)"
             )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise EffmlError(f"teacher weights in {where} do not fit the teacher's architecture ({what})")
+        raise EffmlError(f"{who} weights in {where} do not fit the {who}'s architecture ({what})")
 
 
 def frozen(model: nn.Module) -> nn.Module:
