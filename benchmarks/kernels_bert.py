@@ -49,7 +49,7 @@ SHAPES = {  # hidden, layers, heads, FFN
 GPU_SIZES = [(8, 128), (32, 128), (32, 512), (128, 512)]
 CPU_SIZES = [(2, 32), (4, 64)]
 SDPA_BACKENDS = ["cudnn", "flash", "efficient", "math"]
-METHODS = {"fp8": "fp8_dynamic", "int8": "int8_dynamic", "int8_wo": "int8_weight_only", "2:4": "sparse_2to4"}
+METHODS = {"fp8": "fp8_rowwise", "fp8 torchao": "fp8_dynamic", "int8": "int8_dynamic", "int8_wo": "int8_weight_only", "2:4": "sparse_2to4"}
 TIMING = {"warmup": 3, "iters": 10, "min_time_s": 0.2, "max_iters": 200, "max_time_s": 10.0}
 
 

@@ -66,7 +66,7 @@ class TrainerConfig:
 SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
 # Alternatives to a dense layer that `finalize` may put in place (effml.kernels.library); each is kept
 # only where it runs on this device and, under selection=measure, only where it is measured faster.
-KERNELS = ("fp8_dynamic", "int8_dynamic", "int8_weight_only", "int4_weight_only", "sparse_2to4", "sparse_2to4_cutlass")
+KERNELS = ("fp8_rowwise", "fp8_dynamic", "int8_dynamic", "int8_weight_only", "int4_weight_only", "sparse_2to4", "sparse_2to4_cutlass")
 SELECTION = ("measure", "force", "off")
 
 

@@ -43,8 +43,10 @@ def _is_wrapper(t: torch.Tensor) -> bool:
 
 
 def holds_kernels(model: nn.Module) -> bool:
-    """Whether some weight of ``model`` is a quantized or 2:4 kernel tensor (inference-only)."""
-    return any(_is_wrapper(p) for p in model.parameters())
+    """Whether ``model`` runs an inference-only kernel somewhere: a quantized or 2:4 weight tensor, or
+    a module that says so (``effml_inference_kernel``, e.g. the fp8 ``Fp8Linear``)."""
+    return any(_is_wrapper(p) for p in model.parameters()) or any(
+        getattr(m, "effml_inference_kernel", False) for m in model.modules())
 
 
 def _values(t: torch.Tensor) -> torch.Tensor:
@@ -53,6 +55,8 @@ def _values(t: torch.Tensor) -> torch.Tensor:
         return t.to_dense()
     if _is_wrapper(t) and hasattr(t, "dequantize"):
         return t.dequantize()
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # comparisons are not defined on fp8
+        return t.float()
     return t
 
 

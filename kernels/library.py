@@ -7,8 +7,9 @@ measurement, because running is not the same as being faster (DESIGN.md §6: on 
 PyTorch, 2:4 sparse matmuls were 4-30x slower than dense on BERT shapes, ``torch._int_mm`` 5.6x
 slower than bf16, fp8 1.9x faster).
 
-- ``fp8_dynamic``: torchao ``Float8DynamicActivationFloat8WeightConfig`` (e4m3 weights and
-  activations, per-row scales; sm_89+).
+- ``fp8_rowwise``: :class:`Fp8Linear`, e4m3 weights (one scale per output row, quantized once) and
+  activations (one scale per token, on the fly) multiplied by ``torch._scaled_mm`` (sm_89+).
+- ``fp8_dynamic``: the same recipe through torchao's ``Float8DynamicActivationFloat8WeightConfig``.
 - ``int8_dynamic``: torchao ``Int8DynamicActivationInt8WeightConfig`` (int8 x int8 matmul).
 - ``int8_weight_only`` / ``int4_weight_only``: torchao weight-only configs (int4 needs CUDA and
   torchao's mslk kernels).
@@ -86,6 +87,50 @@ def _anywhere(layer: nn.Linear, device: torch.device, dtype: torch.dtype) -> str
     return None
 
 
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn value
+
+
+class Fp8Linear(nn.Module):
+    """``x @ W.T + b`` with both operands in float8 e4m3 and per-row scales (DeepSeek-V3 and torchao's
+    "rowwise" recipe; the format: Micikevicius et al., "FP8 Formats for Deep Learning", arXiv
+    2209.05433). W is quantized once with one scale per output feature; x is quantized per token at
+    every call (dynamic), so no calibration is needed. ``torch._scaled_mm`` applies both scales in the
+    epilogue and writes the output in x's dtype. Inference only (no backward)."""
+
+    effml_inference_kernel = True  # measurement code: no training step through this module
+
+    def __init__(self, layer: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        w = layer.weight.detach().float()
+        scale = _rowwise_scale(w)
+        self.weight = nn.Parameter((w / scale).to(torch.float8_e4m3fn), requires_grad=False)  # (out, in)
+        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, out)
+        bias = layer.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        scale = _rowwise_scale(rows)
+        quantized = (rows / scale).to(torch.float8_e4m3fn)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        out = torch._scaled_mm(quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
+                               bias=bias, out_dtype=x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 rowwise"
+
+
+def _rowwise_scale(t: torch.Tensor) -> torch.Tensor:
+    """One fp32 scale per row mapping its largest magnitude to e4m3's largest value."""
+    return (t.abs().amax(dim=-1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
+
+
+def _fp8_rowwise(layer: nn.Linear) -> nn.Module:
+    return Fp8Linear(layer)
+
+
 def _is_2to4(weight: torch.Tensor) -> bool:
     groups = weight.detach().reshape(-1, 4)
     return bool(((groups != 0).sum(dim=1) <= 2).all())
@@ -136,6 +181,7 @@ def _to_semi_structured(cutlass: bool) -> Callable[[nn.Linear], nn.Linear]:
 KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in (
+        Kernel("fp8_rowwise", _fp8_unsupported, _fp8_rowwise),
         Kernel("fp8_dynamic", _fp8_unsupported, _quantized("Float8DynamicActivationFloat8WeightConfig")),
         Kernel("int8_dynamic", _anywhere, _quantized("Int8DynamicActivationInt8WeightConfig")),
         Kernel("int8_weight_only", _anywhere, _quantized("Int8WeightOnlyConfig")),

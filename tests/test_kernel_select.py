@@ -12,6 +12,7 @@ from torch import nn
 from effml.config import HardwareConfig
 from effml.errors import EffmlError
 from effml.kernels import library, select
+from effml.measure import holds_kernels
 from conftest import TINY, metrics_of, one_line_error
 
 
@@ -170,3 +171,16 @@ def test_fp8_training_on_a_cpu_stays_dense_and_says_why_or_refuses_under_force(e
                          "output_root=forced")
     one_line_error(code, err, "cannot train in fp8: fp8 needs a CUDA GPU (sm_89+)")
     assert not (tmp_path / "forced").exists()  # refused before anything was written
+
+
+def test_fp8_rowwise_linear_computes_the_layer_within_e4m3_precision():
+    """e4m3 keeps 3 mantissa bits: each operand is off by at most 1/16 relative, so the output's
+    error stays a few percent of its norm; the weight is stored in one byte per value."""
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 128)
+    fp8 = library.Fp8Linear(layer)
+    x = torch.randn(2, 16, 256)
+    expected, got = layer(x), fp8(x)
+    assert got.shape == expected.shape and fp8.weight.dtype == torch.float8_e4m3fn
+    assert (got - expected).norm() / expected.norm() < 0.05
+    assert holds_kernels(nn.Sequential(fp8))  # so no training step is timed through it
