@@ -21,6 +21,7 @@ slower than bf16, fp8 1.9x faster).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,8 +112,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        scale = _rowwise_scale(rows)
-        quantized = (rows / scale).to(torch.float8_e4m3fn)
+        quantized, scale = (_quantize_rows_fused() if x.is_cuda else _quantize_rows)(rows)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         out = torch._scaled_mm(quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
                                bias=bias, out_dtype=x.dtype)
@@ -125,6 +125,19 @@ class Fp8Linear(nn.Module):
 def _rowwise_scale(t: torch.Tensor) -> torch.Tensor:
     """One fp32 scale per row mapping its largest magnitude to e4m3's largest value."""
     return (t.abs().amax(dim=-1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
+
+
+def _quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = _rowwise_scale(rows)
+    return (rows / scale).to(torch.float8_e4m3fn), scale
+
+
+# Eager, the activation's quantization (abs, amax, divide, cast: four passes over memory) cost more
+# than the fp8 matmul saved on an H100 (65536x1024 rows: 0.59 ms vs 0.07 ms fused, against a 0.74 ms
+# bf16 matmul); compiled, it is one fused kernel. Built on first CUDA use (one graph per shape).
+@functools.cache
+def _quantize_rows_fused():
+    return torch.compile(_quantize_rows, dynamic=False)
 
 
 def _fp8_rowwise(layer: nn.Linear) -> nn.Module:
