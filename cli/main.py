@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("WANDB_MODE", "offline")  # runs offline unless the user opts in
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # torchao (imported by transformers when installed) logs each optional C extension it cannot load
+    logging.getLogger("torchao").setLevel(logging.ERROR)
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0

@@ -13,7 +13,8 @@ A compressor is a Lightning ``Callback`` with a typed config. The runner calls, 
    stage's record and may add to it;
 4. ``finalize(model, hardware)``: make the compression real (permanent masks, smaller modules,
    kernel conversion; remove training-only pieces it attached), then ``report()``: what it did, as
-   numbers.
+   numbers. Accuracy is measured on the finalized model; speed and ``model.pt`` on
+   ``deployable(model)`` (the same model unless a method simulates something it cannot deploy).
 
 Compressors compose (``compose:`` in a recipe, DESIGN.md §3): their losses add and their stages
 concatenate by role (``effml.runner.stage_plan``): every ``prepare`` stage first (a teacher trained
@@ -118,6 +119,12 @@ class Compressor(L.Callback):
         pass
 
     def finalize(self, model: nn.Module, hardware: Any) -> nn.Module:
+        return model
+
+    def deployable(self, model: nn.Module) -> nn.Module:
+        """The finalized model as it would be deployed on this hardware, which the speed measurement
+        times and ``model.pt`` holds: the model itself, unless part of it is simulated for accuracy
+        (fake quantization where no real kernel was kept) and deploys as something else."""
         return model
 
     def reference(self, dense: nn.Module) -> nn.Module:

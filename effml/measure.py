@@ -215,6 +215,15 @@ def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def _int_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """int8 x int8 matmuls (torchao's int8 kernels) count like any matmul: 2 M K N."""
+    (m, k), (_, n) = a_shape, b_shape
+    return 2 * m * k * n
+
+
+_KERNEL_FLOPS = {torch.ops.aten._int_mm: _int_mm_flops}
+
+
 def count_flops(
     model: nn.Module, inputs: Mapping[str, Any], layer_types: tuple[type[nn.Module], ...] = PRUNABLE
 ) -> dict[str, Any]:
@@ -227,7 +236,7 @@ def count_flops(
     from torch.utils.flop_counter import FlopCounterMode
 
     x = _to(inputs, _model_device(model))
-    with _eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with _eval_mode(model), torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_KERNEL_FLOPS) as counter:
         model(**x)
     total = int(counter.get_total_flops())
     # Keys are "<RootClass>.<fqn>"; strip the root so names match model.named_modules().

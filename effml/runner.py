@@ -125,9 +125,12 @@ def execute(p: Plan, b: Built) -> dict:
     records = train_stages(p, b.task, b.datamodule, b.compressors)
     for compressor in b.compressors:
         b.task.model = compressor.finalize(b.task.model, p.typed["hardware"])
-    save_model(p.run_dir, b.task.model)
+    deployed = b.task.model
+    for compressor in b.compressors:
+        deployed = compressor.deployable(deployed)
+    save_model(p.run_dir, deployed)
     final = evaluate(p, b.task, b.datamodule)
-    metrics = assemble_metrics(p, b, records, final)
+    metrics = assemble_metrics(p, b, records, final, deployed)
     report.write_metrics(p.run_dir / "metrics.json", metrics)
     report.print_summary(metrics)
     return metrics
@@ -444,7 +447,7 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def assemble_metrics(p: Plan, b: Built, records: list[dict], final: dict) -> dict:
+def assemble_metrics(p: Plan, b: Built, records: list[dict], final: dict, deployed: torch.nn.Module) -> dict:
     t, compressors = p.typed, b.compressors
     model = b.task.model.eval()
     sparsity = measure.sparsity_report(model)
@@ -470,7 +473,7 @@ def assemble_metrics(p: Plan, b: Built, records: list[dict], final: dict) -> dic
         for compressor in compressors:
             reference = compressor.reference(reference)
         metrics["speed_reference"] = getattr(reference, "effml_reference", "dense")
-        metrics.update(measure_speed(p, reference, model, b.datamodule))
+        metrics.update(measure_speed(p, reference, deployed.eval(), b.datamodule))
     return metrics
 
 
