@@ -54,7 +54,7 @@ from effml.compressors.magnitude import LAYER_TYPES, matches
 from effml.errors import EffmlError
 from effml.kernels.library import kernel
 from effml.kernels.select import convert_linears, hardware_device, precision_dtype, set_module
-from effml.teachers import TeacherConfig, build_teacher, load_weights
+from effml.teachers import TrainedWeightsConfig, load_weights, trained_state
 
 OBSERVERS = ("minmax", "percentile", "mse")
 MIN_BITS, MAX_BITS = 2, 16
@@ -287,38 +287,7 @@ def observer_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 # -- what the ptq and qat compressors share ------------------------------------------------------
-KERNEL_CHOICES = ("int8_dynamic", "int8_weight_only", "int4_weight_only", "fp8_dynamic", "none")
-WEIGHT_SOURCES = {"none": None, "run": "path", "recipe": "recipe", "checkpoint": "path"}  # → the field it needs
-
-
-@dataclass
-class WeightsConfig:
-    """The trained model to quantize, loaded as ``effml.teachers`` loads teachers: ``none`` (trained
-    in this run), ``run`` (a finished run directory, ``path``), ``recipe`` (the finished run of
-    ``recipe``, this run's seed unless ``seed``; ``hash`` when several configs finished) or
-    ``checkpoint`` (a ``.ckpt``/``.pt`` file at ``path``, of this run's architecture)."""
-
-    source: str = "none"
-    path: str | None = None
-    recipe: str | None = None
-    hash: str | None = None
-    seed: int | None = None
-
-    def __post_init__(self):
-        if self.source not in WEIGHT_SOURCES:
-            raise EffmlError(f"compressor.weights.source must be one of {', '.join(WEIGHT_SOURCES)}; got {self.source!r}")
-        needs = WEIGHT_SOURCES[self.source]
-        if needs and not getattr(self, needs):
-            raise EffmlError(f"compressor.weights.{needs} is needed for weights.source={self.source}")
-
-    def as_teacher(self, model: Any) -> TeacherConfig:
-        return TeacherConfig(source=self.source, path=self.path, recipe=self.recipe, hash=self.hash, seed=self.seed,
-                             model=model)
-
-    def describe(self) -> str:
-        return "trained in this run" if self.source == "none" else self.as_teacher(None).describe()
-
-
+KERNEL_CHOICES = ("int8_dynamic", "int8_weight_only", "int4_weight_only", "fp8_rowwise", "fp8_dynamic", "none")
 @dataclass
 class QuantConfig(CompressorConfig):
     """Fields ptq and qat share; the defaults are the common int8 setting (W8A8)."""
@@ -336,7 +305,7 @@ class QuantConfig(CompressorConfig):
     layer_types: list[str] = field(default_factory=lambda: ["Linear", "Conv1d", "Conv2d"])
     skip: list[str] = field(default_factory=lambda: ["classifier"])  # the output layer stays in full precision
     kernel: str = "int8_dynamic"  # the real kernel finalize tries on quantized Linears (hardware selects), or none
-    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    weights: TrainedWeightsConfig = field(default_factory=TrainedWeightsConfig)
 
     def __post_init__(self):
         check_bits("compressor.bits", self.bits)
@@ -429,13 +398,10 @@ class Quantizer(Compressor):
 
     def load_trained(self, plan, datamodule) -> None:
         """The finished model's weights into this one (observer buffers left as they are)."""
-        config = self.cfg.weights.as_teacher(plan.cfg.model)
-        try:
-            source = build_teacher(config, datamodule, plan.cfg.output_root, plan.cfg.seed)
-        except EffmlError as e:
-            raise EffmlError(f"compressor.weights: {e}") from None
-        state = plain_keys_to_wrapped(source.state_dict(), self.layers)
-        load_weights(self.model, {**observer_state(self.model), **state}, config.describe())
+        state, where, _ = trained_state(self.cfg.weights, plan.cfg.output_root, plan.cfg.seed, datamodule.info,
+                                        "trained model")
+        state = plain_keys_to_wrapped(state, self.layers)
+        load_weights(self.model, {**observer_state(self.model), **state}, where, "trained model")
 
     def check_forced_kernel(self, hardware) -> None:
         """Under ``hardware.selection=force`` the kernel must run on every quantized Linear: one line

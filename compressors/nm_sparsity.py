@@ -53,37 +53,13 @@ from effml.errors import EffmlError
 from effml.kernels.library import kernel
 from effml.kernels.select import Decision, convert_linears, hardware_device, precision_dtype
 from effml.registry import COMPRESSORS
-from effml.teachers import find_recipe_run, load_run, load_weights, read_state_dict
+from effml.teachers import TrainedWeightsConfig, load_weights, trained_state
 
 log = logging.getLogger("effml")
 
-SOURCES = ("none", "run", "recipe", "checkpoint")
 BY_PATTERN = "matches compressor.skip"
 SPARSE_KERNELS = ["sparse_2to4", "sparse_2to4_cutlass"]  # best first; hardware.kernels says which may run
 WHO = "dense model"  # how errors about the weights source name it
-
-
-@dataclass
-class DenseWeightsConfig:
-    """Where the trained dense model comes from (ASP prunes a trained model, it does not train one)."""
-
-    source: str = "none"  # none (train dense in this run) | run | recipe | checkpoint
-    path: str | None = None  # run: a finished run directory; checkpoint: a .ckpt / end.pt / state-dict file
-    recipe: str | None = None  # recipe: its finished run (same seed unless `seed`) is the dense model
-    hash: str | None = None  # recipe: which configuration, when several have finished
-    seed: int | None = None  # recipe: the dense run's seed (None: this run's)
-
-    def __post_init__(self):
-        if self.source not in SOURCES:
-            raise EffmlError(f"compressor.weights.source must be one of {', '.join(SOURCES)}; got {self.source!r}")
-        needs = {"run": "path", "checkpoint": "path", "recipe": "recipe"}.get(self.source)
-        if needs and not getattr(self, needs):
-            raise EffmlError(f"compressor.weights.{needs} is needed for weights.source={self.source}")
-
-    def describe(self) -> str:
-        if self.source == "recipe":
-            return f"recipe:{self.recipe}" + (f"/{self.hash}" if self.hash else "")
-        return f"{self.source}:{self.path}"
 
 
 @dataclass
@@ -92,7 +68,7 @@ class NMConfig(CompressorConfig):
     n: int = 2  # weights kept in every group
     m: int = 4  # group size along the input dimension (2:4 is what sparse tensor cores run)
     schedule: str = "oneshot"  # oneshot (ASP: prune a trained model, retrain) | gradual ((M-1):M ... N:M)
-    weights: DenseWeightsConfig = field(default_factory=DenseWeightsConfig)
+    weights: TrainedWeightsConfig = field(default_factory=TrainedWeightsConfig)  # the trained dense model
     dense_epochs: int | None = None  # oneshot without weights: the dense stage (None: trainer.max_epochs)
     sparse_epochs: int | None = None  # the stage with masks (None: trainer.max_epochs, ASP's "same schedule")
     sparse_lr_scale: float = 1.0  # its learning rate is trainer.lr times this (ASP: 1, the dense rate)
@@ -393,14 +369,9 @@ class NMSparsity(Compressor):
 
     def load_dense_weights(self, plan, datamodule) -> None:
         """The trained dense model's weights into this run's (still unmasked) layers."""
-        w = self.cfg.weights
-        if w.source == "checkpoint":
-            state, where = read_state_dict(Path(w.path), WHO), w.path
-        else:
-            run_dir = Path(w.path) if w.source == "run" else find_recipe_run(
-                w, plan.cfg.output_root, plan.cfg.seed, WHO, "compressor.weights")
-            state, where = load_run(run_dir, datamodule.info, WHO).state_dict(), str(run_dir)
-            self.dense_test_acc = finished_test_acc(run_dir)
+        state, where, run_dir = trained_state(self.cfg.weights, plan.cfg.output_root, plan.cfg.seed,
+                                              datamodule.info, WHO)
+        self.dense_test_acc = finished_test_acc(run_dir) if run_dir else None
         for name, module in self.layers.items():  # the plain model's keys → this run's masked ones
             if f"{name}.weight" in state:
                 state[f"{name}.weight_orig"] = state.pop(f"{name}.weight")

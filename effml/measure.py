@@ -128,10 +128,10 @@ def sparsity_report(model: nn.Module, layer_types: tuple[type[nn.Module], ...] =
 def _storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
     """Bytes of distinct storages (views and tied weights count once)."""
     seen: dict[tuple, int] = {}
-    for t in (leaf for t in tensors if isinstance(t, torch.Tensor) for leaf in _leaves(t)):
-        if t.device.type != "meta":
-            s = t.untyped_storage()
-            seen[(t.device.type, s.data_ptr())] = s.nbytes()
+    for leaf in (leaf for t in tensors if isinstance(t, torch.Tensor) for leaf in _leaves(t)):
+        if leaf.device.type != "meta":
+            s = leaf.untyped_storage()
+            seen[(leaf.device.type, s.data_ptr())] = s.nbytes()
     return sum(seen.values())
 
 

@@ -25,17 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.strategies import SingleDeviceStrategy
 import numpy as np
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from effml import identity, measure, report
 from effml.compressors.base import Compressor, Stage
 from effml.config import to_typed
 from effml.errors import EffmlError
-from effml.kernels import hardware as hw
 from effml.kernels import fp8_training, select
+from effml.kernels import hardware as hw
 from effml.registry import COMPRESSORS, DATASETS, MODELS
 from effml.task import ClassificationTask
 

@@ -278,3 +278,46 @@ class FeatureTap:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# -- trained weights to start from (methods that compress a trained model: ptq, qat, nm_sparsity) --
+WEIGHT_SOURCES = {"none": None, "run": "path", "recipe": "recipe", "checkpoint": "path"}  # → the field it needs
+
+
+@dataclass
+class TrainedWeightsConfig:
+    """The finished model a method starts from, found as teachers are: ``none`` (trained in this
+    run), ``run`` (a finished run directory, ``path``), ``recipe`` (the finished run of ``recipe``,
+    this run's seed unless ``seed``; ``hash`` when several configs finished) or ``checkpoint`` (a
+    ``.ckpt`` / ``end.pt`` / state-dict file at ``path``, of this run's architecture)."""
+
+    source: str = "none"
+    path: str | None = None
+    recipe: str | None = None
+    hash: str | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.source not in WEIGHT_SOURCES:
+            raise EffmlError(f"compressor.weights.source must be one of {', '.join(WEIGHT_SOURCES)}; got {self.source!r}")
+        needs = WEIGHT_SOURCES[self.source]
+        if needs and not getattr(self, needs):
+            raise EffmlError(f"compressor.weights.{needs} is needed for weights.source={self.source}")
+
+    def describe(self) -> str:
+        if self.source == "none":
+            return "trained in this run"
+        if self.source == "recipe":
+            return f"recipe:{self.recipe}" + (f"/{self.hash}" if self.hash else "")
+        return f"{self.source}:{self.path}"
+
+
+def trained_state(cfg: TrainedWeightsConfig, output_root: str | Path, seed: int, info,
+                  who: str) -> tuple[dict[str, torch.Tensor], str, Path | None]:
+    """The state dict of the model ``cfg`` names, where it came from, and its run directory (None
+    for a checkpoint); ``who`` names it in errors ("dense model", "trained model")."""
+    if cfg.source == "checkpoint":
+        return read_state_dict(Path(cfg.path), who), cfg.path, None
+    run_dir = Path(cfg.path) if cfg.source == "run" else find_recipe_run(cfg, output_root, seed, who, "compressor.weights")
+    return load_run(run_dir, info, who).state_dict(), str(run_dir), run_dir
+

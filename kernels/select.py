@@ -198,12 +198,6 @@ class KernelSelector:
             self.cache.put(keys[name], ms)
         return timings
 
-    def summary(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for d in self.decisions:
-            counts[d.kernel] = counts.get(d.kernel, 0) + 1
-        return counts
-
 
 def _torchao_version() -> str:
     try:
@@ -416,8 +410,8 @@ def measured_sdpa_order(call: AttentionCall, hardware: Any, backends: list[str],
     for backend in backends:
         if backend in timings:
             continue
-        step = _attention_step(call, selector.device, selector.dtype, train)
-        fns[backend] = lambda step=step, b=getattr(SDPBackend, SDPA[backend]): _with_backend(b, step)
+        step, enum = _attention_step(call, selector.device, selector.dtype, train), getattr(SDPBackend, SDPA[backend])
+        fns[backend] = lambda step=step, enum=enum: _with_backend(enum, step)
         try:
             with warnings.catch_warnings():  # a backend that cannot run warns why, then raises: we report it
                 warnings.simplefilter("ignore")

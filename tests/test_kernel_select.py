@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import TINY, metrics_of, one_line_error
 from effml.config import HardwareConfig
 from effml.errors import EffmlError
 from effml.kernels import library, select
 from effml.measure import holds_kernels
-from conftest import TINY, metrics_of, one_line_error
 
 
 class MLP(nn.Module):
