@@ -12,7 +12,8 @@ The trained model comes from ``compressor.weights`` (a finished run, e.g. ``sour
 bert_finetune``; then the run has no training stage at all), or is trained plainly in this run
 first. ``finalize`` calibrates, snaps the weights to their grids, and offers each quantized Linear
 the ``kernel`` (torchao int8 dynamic by default) through the hardware's measured selection; layers
-kept dense stay simulated, so the reported accuracy is the quantized accuracy either way.
+kept dense stay simulated, so the reported accuracy is the quantized accuracy either way, while the
+speed measurement and ``model.pt`` take the deployable model (``Quantizer.deployable``).
 """
 
 from __future__ import annotations
