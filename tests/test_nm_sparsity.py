@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_resume import kill_when, start
 
-from conftest import metrics_of, one_line_error
+from conftest import TINY, metrics_of, one_line_error
 from effml.compressors.base import Stage
 from effml.compressors.nm_sparsity import (
     NMConfig,
@@ -212,3 +212,16 @@ def test_a_kill_mid_retrain_resumes_to_the_same_model(effml, tmp_path):
         assert straight[key] == resumed[key], key
     assert [s["steps"] for s in straight["stages"]] == [s["steps"] for s in resumed["stages"]]
     assert json.loads(next(tmp_path.glob("killed/**/01_retrain/record.json")).read_text())["nm_n"] == 2
+
+
+def test_2to4_then_int8_compose_in_one_recipe_and_the_pattern_survives_quantization(effml, tmp_path):
+    """recipe=nm_ptq_lenet: nm_sparsity's stages train, then ptq quantizes the sparse model at
+    finalize; zeros stay zeros on the symmetric grid, and the int8 model stays near the sparse one."""
+    code, _, err = effml("train", "recipe=nm_ptq_lenet", *TINY, "compressor.dense_epochs=1", "compressor.sparse_epochs=1")
+    assert code == 0, err
+    m = metrics_of(tmp_path / "outputs")
+    assert [s["name"] for s in m["stages"]] == ["dense", "retrain"]
+    assert set(m["compressors"]) == {"nm_sparsity", "ptq"} and m["compressors"]["ptq"]["bits"] == 8
+    assert m["compressors"]["nm_sparsity"]["verified_nm"] is True
+    assert abs(m["sparsity"]["sparsity"] - m["target_sparsity"]) < 0.01  # still 2:4 after int8
+    assert abs(m["test_acc"] - m["stages"][-1]["test_acc"]) < 0.02
