@@ -101,8 +101,9 @@ def build(p: Plan) -> Built:
     compressors = make_compressors(t)
     for compressor in compressors:
         model = compressor.attach(model)
-    training_batch = datamodule.example_inputs(t["data"].batch_size)
-    p.training_kernels = [d.as_dict() for d in fp8_training.apply(model, t["hardware"], training_batch)]
+    if t["hardware"].fp8_training:  # before any checkpoint loads: Float8Linear keeps the weights' names
+        batch = datamodule.example_inputs(t["data"].batch_size)
+        p.training_kernels = [d.as_dict() for d in fp8_training.apply(model, t["hardware"], batch)]
     for compressor in compressors:
         compressor.prepare(p, datamodule)
     return Built(datamodule, ClassificationTask(model, t["trainer"], compressors), compressors, dense_reference)
