@@ -227,8 +227,7 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _on_model_device(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
-    device = next(model.parameters()).device
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    return measure._to(inputs, measure._model_device(model))
 
 
 def input_shapes(model: nn.Module, example_inputs: Mapping[str, Any], paths: list[str]) -> dict[str, tuple]:
