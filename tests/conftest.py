@@ -51,6 +51,20 @@ def effml(tmp_path, monkeypatch, capsys):
     return run
 
 
+def train_in(root: Path, *args: str) -> Path:
+    """``effml train ARGS`` in-process with ``root`` as the working directory (for module-scoped
+    fixtures: a finished run other tests start from); returns ``root/outputs``."""
+    from effml.cli.main import main
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert main(["train", *args]) == 0
+    finally:
+        os.chdir(cwd)
+    return root / "outputs"
+
+
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """``effml ARGS`` as a separate process, the way a user runs it."""
     command = [sys.executable, "-m", "effml.cli.main", *args]

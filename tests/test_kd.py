@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from test_resume import kill_when, start
 
-from conftest import TINY, Linear, metrics_of, one_line_error
+from conftest import TINY, Linear, metrics_of, one_line_error, train_in
 from effml.compressors._distill import soft_kl
 from effml.compressors.kd import KDConfig, KnowledgeDistillation
 from effml.config import TrainerConfig
@@ -68,16 +67,8 @@ def test_masks_fold_into_plain_weights():
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory) -> Path:
     """A finished wide LeNet on digits: outputs/dense_lenet/<hash>/seed_0 in its own directory."""
-    from effml.cli.main import main
-
-    root = tmp_path_factory.mktemp("teacher")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        assert main(["train", "recipe=dense_lenet", "model.hidden=[256,128]", *DIGITS]) == 0
-    finally:
-        os.chdir(cwd)
-    return next((root / "outputs").rglob("metrics.json")).parent
+    outputs = train_in(tmp_path_factory.mktemp("teacher"), "recipe=dense_lenet", "model.hidden=[256,128]", *DIGITS)
+    return next(outputs.rglob("metrics.json")).parent
 
 
 def with_teacher(tmp_path: Path, teacher_run: Path) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import one_line_error
+from conftest import one_line_error, train_in
 from effml.compressors._quant import (
     ActivationQuantizer,
     FakeQuantized,
@@ -148,16 +147,7 @@ def test_layer_bits_override_the_width_by_pattern_first_match_wins():
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory) -> Path:
     """A finished dense LeNet-300-100 on digits (recipe dense_lenet): what ptq and qat start from."""
-    from effml.cli.main import main
-
-    root = tmp_path_factory.mktemp("dense")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        assert main(["train", "recipe=dense_lenet", "trainer.max_epochs=3", *DIGITS]) == 0
-    finally:
-        os.chdir(cwd)
-    return root / "outputs"
+    return train_in(tmp_path_factory.mktemp("dense"), "recipe=dense_lenet", "trainer.max_epochs=3", *DIGITS)
 
 
 def metrics(root: Path, recipe: str) -> dict:
