@@ -28,6 +28,7 @@ import argparse
 import copy
 import json
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -37,8 +38,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from effml import measure
-from effml.kernels import select
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/_checkout.py, however this is run
+from _checkout import use_checkout  # noqa: E402
+
+use_checkout()
+from effml import measure  # noqa: E402
+from effml.kernels import select  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {  # hidden, layers, heads, FFN

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import platform
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import OmegaConf
 
-from effml.config import HardwareConfig, conf_dir
 from effml.errors import EffmlError
+
+if TYPE_CHECKING:  # the config schema imports OmegaConf; benchmarks on bare GPU nodes import this module
+    from effml.config import HardwareConfig
 
 SDPA = {
     "cudnn": "CUDNN_ATTENTION",
@@ -28,6 +29,10 @@ CPU_SDPA = ("flash", "math")  # PyTorch's CPU flash kernel exists; cuDNN/efficie
 
 
 def preset(name: str) -> HardwareConfig:
+    from omegaconf import OmegaConf
+
+    from effml.config import HardwareConfig, conf_dir
+
     node = OmegaConf.load(conf_dir() / "hardware" / f"{name}.yaml")
     node.pop("defaults", None)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(HardwareConfig), node))

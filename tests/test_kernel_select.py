@@ -184,3 +184,29 @@ def test_fp8_rowwise_linear_computes_the_layer_within_e4m3_precision():
     assert got.shape == expected.shape and fp8.weight.dtype == torch.float8_e4m3fn
     assert (got - expected).norm() / expected.norm() < 0.05
     assert holds_kernels(nn.Sequential(fp8))  # so no training step is timed through it
+
+
+def test_fp8_rowwise_linear_returns_what_a_linear_would_under_autocast():
+    """BERT's LayerNorm hands the next layer fp32 under bf16 autocast; the layer must answer in bf16
+    as ``nn.Linear`` does (and ``_scaled_mm`` cannot add a bias to an fp32 output)."""
+    layer = nn.Linear(64, 32)
+    fp8, x = library.Fp8Linear(layer), torch.randn(4, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = layer(x), fp8(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    assert (got.float() - expected.float()).norm() / expected.float().norm() < 0.05
+    assert fp8(x).dtype == torch.float32  # no autocast: x's dtype, the bias added after the matmul
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rows, width", [(65536, 1024), (1000, 1920), (7, 384), (3, 16384)])
+def test_triton_row_quantization_is_bit_identical_to_the_reference(rows, width):
+    from effml.kernels.fp8_quant import quantize_rows
+
+    x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+    x = x * torch.rand(rows, 1, device="cuda", dtype=torch.bfloat16) * 10  # rows of different ranges
+    q, scale = quantize_rows(x)
+    q_ref, scale_ref = library._quantize_rows(x)
+    assert torch.equal(scale, scale_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))

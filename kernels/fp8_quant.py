@@ -1,0 +1,50 @@
+"""Row-wise fp8 (e4m3) quantization of activations in one pass over memory (Triton, CUDA only).
+
+``Fp8Linear`` quantizes its input at every call: one scale per row (token) mapping the row's largest
+magnitude to e4m3's 448, then the row divided by it and rounded. Eager PyTorch takes four passes
+(abs, amax, divide, cast); ``torch.compile`` fuses them but puts dynamo's guards on every call, and
+once a run has recompiled past dynamo's cache limit it silently falls back to eager. Measured on an
+H200 (torch 2.11, Triton 3.6) for 65536 rows: eager 0.53 ms (1024 wide) / 1.91 ms (4096 wide), compiled
+0.16 / 0.46 ms, this kernel 0.053 / 0.19 ms, the memory floor (read bf16, write fp8) 0.047 / 0.19 ms,
+against a bf16 matmul of 0.75 / 0.80 ms. It computes what ``library._quantize_rows`` does (scale =
+amax × (1/448), values times the scale's IEEE reciprocal, round to nearest e4m3); the GPU test checks the
+two agree.
+
+Imported only on CUDA: the CPU wheel of PyTorch ships without Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+INV_E4M3_MAX = tl.constexpr(1.0 / 448.0)  # 448: the largest finite float8_e4m3fn value
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n_rows, n_cols, x_row_stride,
+                          BLOCK_COLS: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_COLS)
+    inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1) * INV_E4M3_MAX, 1e-12)
+    q = (x * tl.div_rn(1.0, scale)[:, None]).to(tl.float8e4nv)  # one IEEE division a row, not an element
+    tl.store(q_ptr + rows[:, None] * n_cols + cols[None, :], q, mask=inside)
+    tl.store(scale_ptr + rows, scale, mask=rows < n_rows)
+
+
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` (n, k) → (e4m3 values (n, k), fp32 scales (n, 1)); the same as ``library._quantize_rows``."""
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    n, k = rows.shape
+    q = torch.empty((n, k), device=rows.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty((n, 1), device=rows.device, dtype=torch.float32)
+    block = triton.next_power_of_2(k)
+    per_program = max(1, min(4, 16384 // block))  # 4 rows a program up to 4096 wide (measured best)
+    _quantize_rows_kernel[(triton.cdiv(n, per_program),)](
+        rows, q, scale, n, k, rows.stride(0), BLOCK_COLS=block, ROWS=per_program,
+        num_warps=4 if block * per_program <= 4096 else 8)
+    return q, scale
