@@ -28,7 +28,8 @@ Without CUDA (or with ``--model tiny``) a 2-layer hidden-192 BERT with 12 heads 
 4 x seq 32 in fp32: the code path, not a measurement.
 
 Needs torch and transformers only (plus PyYAML, a transformers dependency): of effml it imports
-``effml.measure`` and ``effml.models.bert_surgery``, neither of which imports Hydra/OmegaConf/Lightning.
+``effml.measure``, ``effml.kernels.hardware`` (preset detection, SDPA names) and
+``effml.models.bert_surgery``, none of which imports Hydra/OmegaConf/Lightning at module level.
 If ``effml`` is not installed, the checkout it lives in is used (its top-level folders are mapped
 into the ``effml`` package here, as pyproject's package-dir does). So on a GPU machine with torch and
 transformers, from the repository root:
@@ -67,6 +68,7 @@ from _checkout import REPO, use_checkout  # noqa: E402
 
 use_checkout()
 from effml import measure  # noqa: E402
+from effml.kernels import hardware  # noqa: E402
 from effml.models import bert_surgery as surgery  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -172,15 +174,11 @@ def make_inputs(shape: Shape, batch: int, seq: int, device: torch.device) -> tup
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}, labels.to(device)
 
 
-# -- the hardware preset, read without OmegaConf ---------------------------------------------------
+# -- the hardware preset, read without OmegaConf (PyYAML) -----------------------------------------------
 def hardware_preset(device: torch.device) -> dict[str, Any]:
     """The preset `hardware=auto` would pick here (effml.kernels.hardware.detect_preset), from its yaml."""
-    if device.type != "cuda":
-        name = "cpu"
-    else:
-        major, _ = torch.cuda.get_device_capability(device)
-        h200 = "H200" in torch.cuda.get_device_name(device)
-        name = ("h200" if h200 else "h100") if major >= 9 else "a100" if major == 8 else None
+    name = "cpu" if device.type != "cuda" else hardware.detect_preset()
+    name = None if name == "gpu_generic" else name
     values: dict[str, Any] = {"name": name or "gpu (no preset)", "channel_multiple": 1,
                               "sdpa_backends": ["flash", "efficient", "math"], "matmul_precision": "high"}
     if name is None:
@@ -208,14 +206,12 @@ def kernel_settings(preset: dict[str, Any], device: torch.device):
     """The preset's matmul precision and SDPA backend order (as effml.kernels.hardware.kernel_context)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    names = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-             "math": "MATH"}
-    order = [b for b in preset["sdpa_backends"] if device.type == "cuda" or b in ("flash", "math")]
+    order = [b for b in preset["sdpa_backends"] if device.type == "cuda" or b in hardware.CPU_SDPA]
     order = order if "math" in order else [*order, "math"]
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(preset["matmul_precision"])
     try:
-        with sdpa_kernel([getattr(SDPBackend, names[b]) for b in order], set_priority=True):
+        with sdpa_kernel([getattr(SDPBackend, hardware.SDPA[b]) for b in order], set_priority=True):
             yield order
     finally:
         torch.set_float32_matmul_precision(previous)
