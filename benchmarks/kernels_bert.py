@@ -144,22 +144,23 @@ def attention_rows(model: nn.Module, inputs: dict, device: str, dtype: torch.dty
 
 
 def kernel_rows(model: nn.Module, inputs: dict, device: str, dtype: torch.dtype) -> dict[str, Any]:
-    row: dict[str, Any] = {}
     pruned = prune_2to4(model)
-    for label, name in METHODS.items():
+    variants = [(f"{label} {'forced' if selection == 'force' else 'selected'}", name, selection, True)
+                for label, name in METHODS.items() for selection in ("force", "measure")]
+    variants.append(("fp8 forced unfused", "fp8_rowwise", "force", False))  # what effml.kernels.fusion adds
+    row: dict[str, Any] = {}
+    for key, name, selection, fuse in variants:
         base = pruned if name.startswith("sparse") else model
-        for selection in ("force", "measure"):
-            key = f"{label} {'forced' if selection == 'force' else 'selected'}"
-            candidate = copy.deepcopy(base)
-            try:
-                decisions = select.convert_linears(candidate, {p: [name] for p in encoder_linears(base)}, inputs,
-                                                   hardware(device, dtype, selection))
-            except Exception as e:  # noqa: BLE001 - forced kernels that cannot run are a result
-                row[key] = {"ratio": None, "note": select._first_line(e)}
-                continue
-            row[key] = summarize(base, candidate, decisions, inputs, device)
-            del candidate
-            torch.cuda.empty_cache() if device == "cuda" else None
+        candidate = copy.deepcopy(base)
+        try:
+            decisions = select.convert_linears(candidate, {p: [name] for p in encoder_linears(base)}, inputs,
+                                               hardware(device, dtype, selection), fuse=fuse)
+        except Exception as e:  # noqa: BLE001 - forced kernels that cannot run are a result
+            row[key] = {"ratio": None, "note": select._first_line(e)}
+            continue
+        row[key] = summarize(base, candidate, decisions, inputs, device)
+        del candidate
+        torch.cuda.empty_cache() if device == "cuda" else None
     return row
 
 
@@ -172,7 +173,7 @@ def compiled_rows(model: nn.Module, inputs: dict, device: str, dtype: torch.dtyp
     for selection in ("force", "measure"):
         candidate = copy.deepcopy(model)
         decisions = select.convert_linears(candidate, {p: ["fp8_rowwise"] for p in encoder_linears(model)}, inputs,
-                                           hardware(device, dtype, selection))
+                                           hardware(device, dtype, selection), fuse=False)  # inductor fuses
         key = f"fp8 {'forced' if selection == 'force' else 'selected'} compiled"
         row[key] = summarize(dense, torch.compile(candidate), decisions, inputs, device)
     return row
@@ -241,13 +242,14 @@ def goals(rows: list[dict]) -> list[str]:
 def markdown(rows: list[dict], header: dict) -> str:
     cols = [*(f"sdpa {b}" for b in SDPA_BACKENDS), "sdpa selected",
             *(f"{m} {s}" for m in METHODS for s in ("forced", "selected")),
-            "fp8 forced compiled", "fp8 selected compiled"]
+            "fp8 forced unfused", "fp8 forced compiled", "fp8 selected compiled"]
     lines = [f"# Kernels by measurement — {header['device']}, torch {header['torch']}, torchao {header['torchao']}", "",
              "BERT encoder inference (random weights), bf16. Ratios are dense bf16 ms / variant ms, timed interleaved in",
              "one process (>1 = faster); the SDPA columns against PyTorch's default backend choice. `forced`: the kernel",
              "on every encoder Linear; `selected`: kept per layer only where measured faster, then kept for the model",
-             "only if the whole model is faster (else all dense, 1.00×). 2:4 on weights pruned 2:4. `compiled`: the",
-             "dense and the fp8 (rowwise) models under torch.compile, largest size only.", "",
+             "only if the whole model is faster (else all dense, 1.00×). 2:4 on weights pruned 2:4. fp8 (rowwise) fuses",
+             "Q/K/V into one matmul and the FFN's GELU into the next quantization (`effml.kernels.fusion`); `unfused`:",
+             "one kernel per layer. `compiled`: dense and fp8 under torch.compile (inductor fuses), largest size only.", "",
              "| model | batch×seq | dense ms | " + " | ".join(cols) + " |",
              "|---|---|---|" + "---|" * len(cols)]
     for r in rows:

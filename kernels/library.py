@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from effml.errors import EffmlError
 
@@ -102,9 +103,10 @@ class Fp8Linear(nn.Module):
 
     effml_inference_kernel = True  # measurement code: no training step through this module
 
-    def __init__(self, layer: nn.Linear):
+    def __init__(self, layer: nn.Linear, gelu_input: bool = False):
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.gelu_input = gelu_input  # computes layer(gelu(x)): see effml.kernels.fusion
         w = layer.weight.detach().float()
         scale = _rowwise_scale(w)
         self.weight = nn.Parameter((w / scale).to(torch.float8_e4m3fn), requires_grad=False)  # (out, in)
@@ -112,10 +114,24 @@ class Fp8Linear(nn.Module):
         bias = layer.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
+    @classmethod
+    def stacked(cls, layers: list[Fp8Linear]) -> Fp8Linear:
+        """One layer computing ``layers`` (same input width, all with or all without a bias) side by
+        side, outputs concatenated: each weight row keeps its own scale, so each slice is exact."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = layers[0].in_features, sum(m.out_features for m in layers)
+        new.gelu_input = layers[0].gelu_input
+        new.weight = nn.Parameter(torch.cat([m.weight for m in layers]), requires_grad=False)
+        new.register_buffer("weight_scale", torch.cat([m.weight_scale for m in layers], dim=1))
+        biases = [m.bias for m in layers]
+        new.bias = None if biases[0] is None else nn.Parameter(torch.cat(biases), requires_grad=False)
+        return new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         with torch.no_grad():  # inference only
-            quantized, scale = _quantize_rows_on(rows)
+            quantized, scale = _quantize_rows_on(rows, gelu=self.gelu_input)
         dtype = _output_dtype(x)
         fused_bias = self.bias is not None and dtype != torch.float32  # _scaled_mm adds no bias to fp32
         out = torch._scaled_mm(quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
@@ -126,7 +142,8 @@ class Fp8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 rowwise"
+        gelu = ", GELU of the input fused in" if self.gelu_input else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 rowwise{gelu}"
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -147,14 +164,14 @@ def _quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (rows * scale.reciprocal()).to(torch.float8_e4m3fn), scale  # as the Triton kernel: one division a row
 
 
-def _quantize_rows_on(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_rows_on(rows: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton kernel on CUDA; the plain ops elsewhere, and inside ``torch.compile``, where inductor
     fuses them into the op before (a LayerNorm, a GELU) and saves the pass over memory altogether."""
     if rows.is_cuda and not torch.compiler.is_compiling():
         from effml.kernels.fp8_quant import quantize_rows
 
-        return quantize_rows(rows)
-    return _quantize_rows(rows)
+        return quantize_rows(rows, gelu=gelu)
+    return _quantize_rows(F.gelu(rows) if gelu else rows)
 
 
 def _fp8_rowwise(layer: nn.Linear) -> nn.Module:

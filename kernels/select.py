@@ -121,6 +121,7 @@ class KernelSelector:
         self.dtype = precision_dtype(hardware.precision)
         self.cache = TimingCache(hardware.kernel_cache)
         self.decisions: list[Decision] = []
+        self.fastest: dict[str, tuple[str, nn.Module]] = {}  # path → its fastest alternative, kept or not
         self.layer_calls = LAYER_CALLS if self.device.type == "cuda" else 1
         self.key_prefix = (f"{measure.device_name(self.device)}|torch {torch.__version__}|torchao {_torchao_version()}"
                            f"|calls {self.layer_calls}")  # timings taken another way are not reused
@@ -168,6 +169,8 @@ class KernelSelector:
         timed = [k for k in runnable if k in d.timings_ms]
         best = min(timed, key=d.timings_ms.__getitem__, default=None)
         margin = self.hardware.selection_margin
+        if best:
+            self.fastest[d.layer] = (best, runnable[best])
         if best and _speedup(d.timings_ms, best) >= margin:
             d.kernel, d.reason = best, f"measured {_speedup(d.timings_ms, best):.2f}x faster than dense"
         elif best:
@@ -265,13 +268,18 @@ def input_shapes(model: nn.Module, example_inputs: Mapping[str, Any], paths: lis
 
 
 def convert_linears(model: nn.Module, wanted: Mapping[str, list[str]], example_inputs: Mapping[str, Any],
-                    hardware: Any) -> list[Decision]:
+                    hardware: Any, fuse: bool | None = None) -> list[Decision]:
     """Swap each ``nn.Linear`` at a path of ``wanted`` for its chosen kernel, in place.
 
-    ``wanted`` maps module paths to the kernels the method would use, best first. Under ``measure``
-    the converted model is then timed as a whole against the dense one and every layer goes back to
-    dense unless it is faster (:func:`whole_model_guard`). Returns one :class:`Decision` per layer
-    (what it got and why), in model order, plus one for the whole model when anything was converted."""
+    ``wanted`` maps module paths to the kernels the method would use, best first. Each layer is
+    timed alone (:class:`KernelSelector`); the converted fp8 layers are fused where they share an
+    input or follow a GELU (:mod:`effml.kernels.fusion`; ``fuse`` defaults to on unless
+    ``hardware.compile``, where inductor fuses). Under ``measure`` the whole model is then timed
+    against dense twice: with the layers that were faster alone, and with every layer that has a
+    runnable alternative (fusions only pay when neighbours convert together), and the faster is
+    kept if it beats dense by ``selection_margin``, else every layer goes back to dense
+    (:func:`whole_model_guard`). Returns one :class:`Decision` per layer (what it got and why), in
+    model order, plus one for the whole model when anything was converted."""
     selector = KernelSelector(hardware)
     shapes = input_shapes(model, example_inputs, list(wanted))
     originals = {}
@@ -281,28 +289,80 @@ def convert_linears(model: nn.Module, wanted: Mapping[str, list[str]], example_i
             continue
         originals[path] = model.get_submodule(path)
         set_module(model, path, selector.choose(path, originals[path], shapes[path], kernels))
-    converted = {d.layer: model.get_submodule(d.layer) for d in selector.decisions if d.kernel != "dense"}
-    if converted and hardware.selection == "measure":
-        whole_model_guard(model, {p: originals[p] for p in converted}, converted, example_inputs, selector)
+    chosen = {p: model.get_submodule(p) for p in originals if model.get_submodule(p) is not originals[p]}
+    for path in chosen:  # layouts are built on the dense model
+        set_module(model, path, originals[path])
+    fuse = not getattr(hardware, "compile", False) if fuse is None else fuse
+    layouts = {"selected": layout(model, originals, chosen, fuse)} if chosen else {}
+    every = {p: module for p, (_, module) in selector.fastest.items()}
+    if hardware.selection == "measure" and every.keys() - chosen.keys():
+        layouts["every layer"] = layout(model, originals, every, fuse)
+    if layouts and hardware.selection == "measure":
+        winner = whole_model_guard(model, layouts, example_inputs, selector)
+    else:
+        winner = "selected" if layouts else "dense"
+    if winner != "dense":
+        for path, module in layouts[winner].modules.items():
+            set_module(model, path, module)
+        _note_layout(selector, layouts[winner], converted_alone=chosen)
     selector.cache.save()
     return selector.decisions
 
 
-def whole_model_guard(model: nn.Module, dense: dict[str, nn.Module], converted: dict[str, nn.Module],
-                      example_inputs: Mapping[str, Any], selector: KernelSelector) -> None:
-    """Keep the converted layers only if the whole model is faster with them than without.
+@dataclass
+class Layout:
+    """A way to convert the model: the modules to put at each path (converted layers, fused where
+    they can be), the dense modules they replace, and what each fused layer was fused with."""
 
-    Per-layer gains need not add up (dtype casts between layers, the quantization of activations,
-    launch overhead at small shapes). Both versions are timed interleaved by swapping the layers in
-    and out of the same model on the target device."""
+    modules: dict[str, nn.Module]
+    dense: dict[str, nn.Module]
+    notes: dict[str, str]
+
+
+def layout(model: nn.Module, originals: dict[str, nn.Module], converted: dict[str, nn.Module], fuse: bool) -> Layout:
+    """``converted`` (path → its converted layer) with the fusions they allow; ``model`` is left dense."""
+    from effml.kernels.fusion import Fusions, fp8_fusions
+
+    for path, module in converted.items():
+        set_module(model, path, module)
+    fusions = fp8_fusions(model) if fuse else Fusions()
+    for path in converted:
+        set_module(model, path, originals[path])
+    modules = {**converted, **{path: fused for path, (_, fused) in fusions.swaps.items()}}
+    dense = {path: originals.get(path, before) for path, (before, _) in fusions.swaps.items()}  # a GELU fused away
+    return Layout(modules, {**dense, **{p: originals[p] for p in converted}}, fusions.notes)
+
+
+def _note_layout(selector: KernelSelector, kept: Layout, converted_alone: dict[str, nn.Module]) -> None:
+    """Say in each layer's decision what the kept layout gave it beyond its own measurement."""
+    for d in selector.decisions:
+        if d.layer in kept.modules and d.layer not in converted_alone and d.layer in selector.fastest:
+            alone = d.reason
+            d.kernel = selector.fastest[d.layer][0]
+            d.reason = f"converted with every layer (the whole model was faster so); alone: {alone}"
+        if d.layer in kept.notes:
+            d.reason += f"; fused: {kept.notes[d.layer]}"
+
+
+def whole_model_guard(model: nn.Module, layouts: dict[str, Layout], example_inputs: Mapping[str, Any],
+                      selector: KernelSelector) -> str:
+    """The fastest of dense and ``layouts`` for the whole model ("dense" unless a layout beats it by
+    ``selection_margin``); ``model`` is left dense, the layer decisions of a loss say so.
+
+    Per-layer gains need not add up: dtype casts between layers, the quantization of activations and
+    launch overhead at small shapes eat them, fusions across layers add to them. All versions are
+    timed interleaved by swapping modules in and out of the same model on the target device."""
     model.to(selector.device)
     inputs = _on_model_device(model, example_inputs)
+    dense = {path: module for lay in layouts.values() for path, module in lay.dense.items()}
     autocast = (torch.autocast(selector.device.type, dtype=selector.dtype) if selector.dtype != torch.float32
                 else contextlib.nullcontext())
 
-    def forward_with(layers: dict[str, nn.Module]):
+    def forward_with(modules: dict[str, nn.Module]):
+        swaps = {**dense, **modules}
+
         def fn():
-            for path, module in layers.items():
+            for path, module in swaps.items():
                 set_module(model, path, module)
             return model(**inputs)
 
@@ -310,24 +370,27 @@ def whole_model_guard(model: nn.Module, dense: dict[str, nn.Module], converted: 
 
     was_training = model.training
     model.eval()
+    fns = {"dense": forward_with({})} | {name: forward_with(lay.modules) for name, lay in layouts.items()}
     with torch.inference_mode(), autocast:
-        seconds = measure._time_interleaved({"dense": forward_with(dense), "converted": forward_with(converted)},
-                                            selector.device, **TIMING)
-    ms = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in seconds.items()}
-    speedup = ms["dense"] / ms["converted"]
-    keep = speedup >= 1.0
-    for path, module in (converted if keep else dense).items():
+        seconds = measure._time_interleaved(fns, selector.device, **TIMING)
+    for path, module in dense.items():
         set_module(model, path, module)
     model.train(was_training)
-    if not keep:
+    ms = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in seconds.items()}
+    best = min(layouts, key=ms.__getitem__)
+    speedups = ", ".join(f"{name} {ms['dense'] / ms[name]:.2f}x" for name in layouts)
+    winner = best if ms["dense"] / ms[best] >= selector.hardware.selection_margin else "dense"
+    if winner == "dense":
         for d in selector.decisions:
             if d.kernel != "dense":
-                d.reason = f"reverted to dense: the whole model measured {speedup:.2f}x ({d.kernel} {d.reason})"
+                d.reason = f"reverted to dense: the whole model measured {speedups} ({d.kernel} {d.reason})"
                 d.kernel = "dense"
-    verdict = "kept" if keep else "reverted to dense"
-    selector.decisions.append(Decision("(whole model)", "converted" if keep else "dense",
-                                       f"{verdict}: measured {speedup:.2f}x of dense with {len(converted)} layers converted",
+    layers = sum(d.layer in layouts.get(winner, layouts[best]).modules for d in selector.decisions)
+    verdict = f"kept {winner} ({layers} layers converted)" if winner != "dense" else "reverted to dense"
+    selector.decisions.append(Decision("(whole model)", "converted" if winner != "dense" else "dense",
+                                       f"{verdict}: measured {speedups} of dense (margin {selector.hardware.selection_margin}x)",
                                        "", {k: round(v, 4) for k, v in ms.items()}))
+    return winner
 
 
 # -- attention ----------------------------------------------------------------------------------

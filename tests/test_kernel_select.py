@@ -210,3 +210,41 @@ def test_triton_row_quantization_is_bit_identical_to_the_reference(rows, width):
     q_ref, scale_ref = library._quantize_rows(x)
     assert torch.equal(scale, scale_ref)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def whole_model_timed_as(monkeypatch, ms: dict[str, float]) -> None:
+    """The guard's whole-model timings read ``ms`` (as a GPU might measure them); layer timings stay real."""
+    real = select.measure._time_interleaved
+
+    def timed(fns, device, **kwargs):
+        seconds = real(fns, device, **kwargs)
+        return {k: [ms[k]] * 5 for k in seconds} if set(seconds) == set(ms) else seconds
+
+    monkeypatch.setattr(select.measure, "_time_interleaved", timed)
+
+
+def test_every_layer_converted_is_kept_when_the_whole_model_is_faster_so(cpu, monkeypatch):
+    """Alone, fc2 is no faster (1.0x, below the margin); with every layer converted the model is the
+    fastest (what fusions across layers do): that layout is kept, and fc2's record says why."""
+    model = MLP()
+    seed_cache(cpu, model.fc1, {"dense": 10.0, "int8_dynamic": 1.0})
+    seed_cache(cpu, model.fc2, {"dense": 10.0, "int8_dynamic": 10.0})
+    whole_model_timed_as(monkeypatch, {"dense": 3.0, "selected": 2.9, "every layer": 1.0})
+    decisions = {d.layer: d for d in select.convert_linears(model, {"fc1": ["int8_dynamic"], "fc2": ["int8_dynamic"]},
+                                                             INPUTS, cpu)}
+    whole = decisions["(whole model)"]
+    assert whole.kernel == "converted" and whole.reason.startswith("kept every layer (2 layers converted)")
+    assert "selected 1.03x, every layer 3.00x" in whole.reason
+    assert decisions["fc1"].kernel == decisions["fc2"].kernel == "int8_dynamic"
+    assert decisions["fc2"].reason.startswith("converted with every layer") and "1.00x (< 1.05x)" in decisions["fc2"].reason
+    assert type(model.fc2.weight.data) is not torch.Tensor  # the int8 layer is in the model
+
+
+def test_a_whole_model_gain_below_the_margin_is_not_kept(cpu, monkeypatch):
+    model = MLP()
+    seed_cache(cpu, model.fc1, {"dense": 10.0, "int8_dynamic": 1.0})
+    seed_cache(cpu, model.fc2, {"dense": 10.0, "int8_dynamic": 1.0})
+    whole_model_timed_as(monkeypatch, {"dense": 1.02, "selected": 1.0})
+    *layers, whole = select.convert_linears(model, {"fc1": ["int8_dynamic"], "fc2": ["int8_dynamic"]}, INPUTS, cpu)
+    assert whole.kernel == "dense" and "selected 1.02x" in whole.reason
+    assert all(d.kernel == "dense" for d in layers) and type(model.fc1.weight.data) is torch.Tensor
