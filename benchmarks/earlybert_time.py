@@ -15,6 +15,7 @@ Tomatoes. Results: benchmarks/results/earlybert_time_<device>.json and .md.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -79,16 +80,21 @@ def markdown(result: dict, overrides: list[str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    shared = [a for a in argv if not a.startswith("compressor.")]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
+    parser.add_argument("--runs", type=Path, default=None, help="keep the two runs here (default: a temporary folder)")
+    args, overrides = parser.parse_known_args(argv)
+    shared = [a for a in overrides if not a.startswith("compressor.")]
     with tempfile.TemporaryDirectory() as tmp:
-        dense = train("bert_finetune", shared, Path(tmp))
-        earlybert = train("earlybert", argv, Path(tmp))
+        root = args.runs or Path(tmp)
+        dense = train("bert_finetune", shared, root)
+        earlybert = train("earlybert", overrides, root)
     result = summarize(dense, earlybert)
     slug = "".join(c if c.isalnum() else "_" for c in str(result["device"].get("device", "cpu")).lower()).strip("_")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"earlybert_time_{slug}.json").write_text(json.dumps({"overrides": argv, **result}, indent=2))
-    text = markdown(result, argv)
-    (RESULTS / f"earlybert_time_{slug}.md").write_text(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"earlybert_time_{slug}.json").write_text(json.dumps({"overrides": overrides, **result}, indent=2))
+    text = markdown(result, overrides)
+    (args.out / f"earlybert_time_{slug}.md").write_text(text)
     print(text)
     return 0
 

@@ -48,11 +48,15 @@ class TrainerConfig:
     checkpoint_every_n_steps: int | None = field(default=None, metadata=NOT_HASHED)
     log_every_n_steps: int = field(default=20, metadata=NOT_HASHED)
     progress_bar: str = field(default="auto", metadata=NOT_HASHED)  # auto (tty only) | on | off
+    # Lightning's profile of each stage (time per hook: steps, data loading, validation, checkpoints),
+    # in <stage>/fit-profile.txt: none | simple | advanced (cProfile)
+    profiler: str = field(default="none", metadata=NOT_HASHED)
 
     def __post_init__(self):
         _one_of("trainer", "optimizer", self.optimizer, ("adam", "adamw", "sgd"))
         _one_of("trainer", "lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         _one_of("trainer", "progress_bar", self.progress_bar, ("auto", "on", "off"))
+        _one_of("trainer", "profiler", self.profiler, ("none", "simple", "advanced"))
         if self.val_check_interval is not None and self.val_check_interval < 1:
             raise EffmlError(f"trainer.val_check_interval must be >= 1 batch; got {self.val_check_interval}")
         if self.max_epochs < 1:

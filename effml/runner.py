@@ -20,6 +20,7 @@ import random
 import sys
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig, OmegaConf
 
 from effml import identity, measure, report
@@ -208,9 +211,10 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: Path, task, datamodule, compress
     task.lr_scale = stage.lr_scale
     active = [c for c in compressors if stage.role != "prepare" or c.name == stage.owner]
     task.compressors = active  # a teacher trained in a prepare stage is not pruned or distilled
+    writer = BackgroundCheckpointIO()
     trainer = make_trainer(p, stage_dir, max_epochs=stage.max_epochs or t["trainer"].max_epochs,
                            callbacks=[*active, clock, LastCheckpoint(last, t["trainer"].checkpoint_every_n_steps)],
-                           logger_version=stage_dir.name)
+                           logger_version=stage_dir.name, plugins=[writer])
     own_batches = [loader for c in active if (loader := c.train_dataloader(stage, datamodule)) is not None]
     data = {"datamodule": datamodule}
     if own_batches:  # the datamodule still validates, but is never iterated for training
@@ -218,6 +222,7 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: Path, task, datamodule, compress
     with hw.kernel_context(t["hardware"]):
         trainer.fit(compiled(task, t["hardware"]), **data, ckpt_path=resume_from, weights_only=False)
     if trainer.interrupted:
+        writer.wait()
         raise SystemExit(f"effml: interrupted; rerun the same command to resume from {last}")
     record = {
         "name": stage.name,
@@ -232,6 +237,7 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: Path, task, datamodule, compress
     for compressor in compressors:
         record.update(compressor.end_stage(stage, record) or {})
     task.compressors = list(compressors)
+    writer.wait()  # the last epoch's checkpoint was written while the stage was evaluated
     save_stage_end(stage_dir, task, compressors, record)
     return record
 
@@ -249,7 +255,7 @@ def evaluate(p: Plan, task: ClassificationTask, datamodule) -> dict:
 
 # -- trainer pieces --------------------------------------------------------------------------
 def make_trainer(p: Plan, root: Path, max_epochs: int, callbacks: list, logger_version: str,
-                 strategy: Any = "auto") -> L.Trainer:
+                 strategy: Any = "auto", plugins: list | None = None) -> L.Trainer:
     t, h = p.typed["trainer"], p.typed["hardware"]
     return L.Trainer(
         max_epochs=max_epochs,
@@ -272,7 +278,18 @@ def make_trainer(p: Plan, root: Path, max_epochs: int, callbacks: list, logger_v
         check_val_every_n_epoch=None if isinstance(t.val_check_interval, int) else 1,
         log_every_n_steps=t.log_every_n_steps,
         deterministic="warn" if h.accelerator == "gpu" else True,
+        profiler=make_profiler(t.profiler, root),
+        plugins=plugins,
     )
+
+
+def make_profiler(kind: str, root: Path):
+    from lightning.pytorch import profilers
+
+    if kind == "none":
+        return None
+    profiler = profilers.SimpleProfiler if kind == "simple" else profilers.AdvancedProfiler
+    return profiler(dirpath=root, filename="profile")
 
 
 class KeepOnDevice(SingleDeviceStrategy):
@@ -288,10 +305,9 @@ class KeepOnDevice(SingleDeviceStrategy):
 
 
 class LastCheckpoint(L.Callback):
-    """``last.ckpt`` of a stage, written atomically at every epoch end (and every N steps if asked).
-
-    Lightning's ModelCheckpoint writes in place (a kill mid-write leaves a corrupt file) and, with
-    no top-k checkpoints, writes ``last`` only when training ends."""
+    """``last.ckpt`` of a stage, at every epoch end (and every N steps if asked), through the
+    trainer's :class:`BackgroundCheckpointIO`. Lightning's ModelCheckpoint, with no top-k
+    checkpoints, writes ``last`` only when training ends."""
 
     def __init__(self, path: Path, every_n_steps: int | None = None):
         self.path, self.every_n_steps = path, every_n_steps
@@ -305,9 +321,42 @@ class LastCheckpoint(L.Callback):
 
     def save(self, trainer) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        trainer.save_checkpoint(tmp, weights_only=False)
-        os.replace(tmp, self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
+
+
+class BackgroundCheckpointIO(TorchCheckpointIO):
+    """Checkpoints copied to host memory in the training loop, then written to disk by a thread,
+    atomically (a temporary file, then a rename: a kill mid-write leaves the previous checkpoint).
+
+    The disk is the slow part: on an H200 node a BERT-base checkpoint (weights and AdamW state,
+    1.3 GB) took 3 s to write, as long as 40 training steps at batch 256, which made checkpointing
+    half of a 3-epoch fine-tuning's time. One write is in flight at a time; ``wait`` (the runner
+    calls it before a stage counts as finished) lands it and re-raises its error, if any."""
+
+    def __init__(self):
+        super().__init__()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="effml-checkpoint")
+        self._pending: Future | None = None
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        self.wait()
+        snapshot = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
+        self._pending = self._executor.submit(_write_atomically, snapshot, Path(path))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def teardown(self) -> None:
+        """Lightning tears the strategy down after fit: the write may go on, validation and test
+        run meanwhile."""
+
+
+def _write_atomically(state: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def show_progress(setting: str) -> bool:

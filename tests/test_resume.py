@@ -82,3 +82,33 @@ def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path, schedule, mar
     for key in ("test_acc", "val_acc", "sparsity"):
         assert metrics_a[key] == metrics_b[key], key
     assert [s["steps"] for s in metrics_a["stages"]] == [s["steps"] for s in metrics_b["stages"]]
+
+
+def test_checkpoints_are_written_in_the_background_from_a_snapshot(tmp_path):
+    """The state is copied when saved: training may change the tensors while the thread writes; the
+    file appears only complete (a rename), and a failed write is raised at the next wait."""
+    from effml.runner import BackgroundCheckpointIO
+
+    writer = BackgroundCheckpointIO()
+    weights = torch.ones(1000, 100)
+    path = tmp_path / "last.ckpt"
+    writer.save_checkpoint({"state_dict": {"w": weights}, "epoch": 3}, path)
+    weights.add_(1)  # the next optimizer step, before the write has finished
+    writer.wait()
+    saved = torch.load(path, weights_only=False)
+    assert saved["epoch"] == 3 and torch.equal(saved["state_dict"]["w"], torch.ones(1000, 100))
+    assert not list(tmp_path.glob("*.tmp"))
+    writer.save_checkpoint({"w": weights}, tmp_path / "missing" / "last.ckpt")
+    with pytest.raises(RuntimeError, match="does not exist"):  # torch.save's error, raised here
+        writer.wait()
+
+
+def test_the_profiler_writes_each_stage_s_profile(effml, tmp_path):
+    from conftest import TINY
+
+    code, _, err = effml("train", "recipe=dense_lenet", *TINY, "trainer.profiler=simple", "measure.enabled=false")
+    assert code == 0, err
+    profile = next(tmp_path.rglob("stages/00_train/fit-profile.txt")).read_text()
+    assert "run_training_batch" in profile and "save_checkpoint" in profile
+    code, _, err = effml("train", "recipe=dense_lenet", "trainer.profiler=yes")
+    assert code == 2 and "trainer.profiler" in err
