@@ -3,14 +3,16 @@
 Chen et al. (ACL 2021) report 35-45% less training time than full fine-tuning. This runs the two
 recipes the way a user does (``effml train``), on the same data, epochs and device, and compares
 the measured training time of every stage (``train_time_s`` in metrics.json: the fits, validation
-inside them included; model loading and the final measurement excluded).
+inside them included; model loading and the final measurement excluded), and the saving time
+would show if it followed FLOPs (search steps at a dense step's cost, ticket steps at 1/FLOP ratio).
 
     python benchmarks/earlybert_time.py hardware=auto model=bert_base model.pretrained=null \
         data.batch_size=256 trainer.max_epochs=3 compressor.check_every=4
 
 Extra arguments are Hydra overrides for both runs (``compressor.*`` ones only for EarlyBERT). The
 default shape is BERT-base with random weights (speed does not depend on the values) on Rotten
-Tomatoes. Results: benchmarks/results/earlybert_time_<device>.json and .md.
+Tomatoes. Results: benchmarks/results/earlybert_time_<device>.json and .md (``--out DIR`` elsewhere;
+``--runs DIR`` keeps the two runs, e.g. with ``trainer.profiler=simple`` for their profiles).
 """
 
 from __future__ import annotations
