@@ -11,7 +11,8 @@ amax × (1/448), values times the scale's IEEE reciprocal, round to nearest e4m3
 two agree. With ``gelu=True`` the row is first passed through the exact (erf) GELU and rounded to
 its own dtype, as ``F.gelu`` would hand it on: a BERT FFN's down-projection then reads the
 up-projection's output once instead of three times (GELU's read and write, then the quantization's
-read).
+read). ``layer_norm_quantize`` does the same for a LayerNorm: its output and that output's fp8 form
+in one pass (``effml.kernels.fusion.Fp8LayerNorm``).
 
 Imported only on CUDA: the CPU wheel of PyTorch ships without Triton.
 """
@@ -44,6 +45,51 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n_rows, n_cols, x_row_stride,
     tl.store(scale_ptr + rows, scale, mask=rows < n_rows)
 
 
+@triton.jit
+def _layer_norm_quantize_kernel(x_ptr, w_ptr, b_ptr, y_ptr, q_ptr, scale_ptr, n_rows, n_cols, eps, x_row_stride,
+                                BLOCK_COLS: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_COLS)
+    inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / n_cols
+    centered = tl.where(inside, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    y = (centered * rstd[:, None] * w[None, :] + b[None, :]).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rows[:, None] * n_cols + cols[None, :], y, mask=inside)
+    y = y.to(tl.float32)  # the output as the next layer reads it, quantized
+    scale = tl.maximum(tl.max(tl.abs(y), axis=1) * INV_E4M3_MAX, 1e-12)
+    q = (y * tl.div_rn(1.0, scale)[:, None]).to(tl.float8e4nv)
+    tl.store(q_ptr + rows[:, None] * n_cols + cols[None, :], q, mask=inside)
+    tl.store(scale_ptr + rows, scale, mask=rows < n_rows)
+
+
+def layer_norm_quantize(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                        out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``F.layer_norm`` of ``rows`` (n, k) over k, in ``out_dtype``, and that output quantized as
+    :func:`quantize_rows` would: (output, e4m3 values, fp32 scales), one pass over memory."""
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    n, k = rows.shape
+    y = torch.empty((n, k), device=rows.device, dtype=out_dtype)
+    q = torch.empty((n, k), device=rows.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty((n, 1), device=rows.device, dtype=torch.float32)
+    block = triton.next_power_of_2(k)
+
+    def launch(per_program: int, warps: int) -> None:
+        _layer_norm_quantize_kernel[(triton.cdiv(n, per_program),)](
+            rows, weight, bias, y, q, scale, n, k, eps, rows.stride(0), BLOCK_COLS=block, ROWS=per_program,
+            num_warps=warps)
+
+    key = ("layer_norm", k, rows.dtype, out_dtype, n.bit_length())
+    if key not in _TILES:
+        _TILES[key] = fastest_tile(launch, block)
+    launch(*_TILES[key])
+    return y, q, scale
+
+
 def quantize_rows(rows: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``rows`` (n, k) → (e4m3 values (n, k), fp32 scales (n, 1)); the same as ``library._quantize_rows``
     (of ``F.gelu(rows)`` with ``gelu``)."""
@@ -65,7 +111,7 @@ def quantize_rows(rows: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor,
     return q, scale
 
 
-_TILES: dict[tuple, tuple[int, int]] = {}  # (width, gelu, dtype, rows bucket) → (rows a program, warps)
+_TILES: dict[tuple, tuple[int, int]] = {}  # (kernel's shape key, rows bucket) → (rows a program, warps)
 
 
 def fastest_tile(launch, block: int) -> tuple[int, int]:

@@ -107,6 +107,7 @@ class Fp8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.gelu_input = gelu_input  # computes layer(gelu(x)): see effml.kernels.fusion
+        self.handoff = None  # where a fused LayerNorm before it leaves its output quantized (fusion)
         w = layer.weight.detach().float()
         scale = _rowwise_scale(w)
         self.weight = nn.Parameter((w / scale).to(torch.float8_e4m3fn), requires_grad=False)  # (out, in)
@@ -121,7 +122,7 @@ class Fp8Linear(nn.Module):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = layers[0].in_features, sum(m.out_features for m in layers)
-        new.gelu_input = layers[0].gelu_input
+        new.gelu_input, new.handoff = layers[0].gelu_input, None
         new.weight = nn.Parameter(torch.cat([m.weight for m in layers]), requires_grad=False)
         new.register_buffer("weight_scale", torch.cat([m.weight_scale for m in layers], dim=1))
         biases = [m.bias for m in layers]
@@ -130,8 +131,9 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        ready = self.handoff.take(x) if self.handoff is not None else None
         with torch.no_grad():  # inference only
-            quantized, scale = _quantize_rows_on(rows, gelu=self.gelu_input)
+            quantized, scale = ready or _quantize_rows_on(rows, gelu=self.gelu_input)
         dtype = _output_dtype(x)
         fused_bias = self.bias is not None and dtype != torch.float32  # _scaled_mm adds no bias to fp32
         out = torch._scaled_mm(quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,

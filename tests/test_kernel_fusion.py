@@ -54,10 +54,30 @@ def test_fused_bert_computes_exactly_what_the_unfused_fp8_model_does():
     assert isinstance(block.intermediate.intermediate_act_fn, nn.Identity) and block.output.dense.gelu_input
     assert not block.attention.output.dense.gelu_input  # a residual's input has no GELU before it
     assert not unfused.encoder.layer[0].output.dense.gelu_input  # the unfused model is left alone
+    # the LayerNorms hand their output's fp8 form on; the last layer's output feeds no fp8 layer
+    assert type(block.attention.output.LayerNorm) is type(block.output.LayerNorm) is fusion.Fp8LayerNorm
+    assert type(model.encoder.layer[1].output.LayerNorm) is nn.LayerNorm
+    assert block.intermediate.dense.handoff is block.attention.output.LayerNorm.handoff
+    assert model.encoder.layer[1].attention.self.query.stacked.handoff is block.output.LayerNorm.handoff
+    assert unfused.encoder.layer[0].intermediate.dense.handoff is None  # the unfused model is left alone
     assert torch.equal(out(model), out(unfused))
-    assert found.notes["encoder.layer.1.attention.self.key"] == "one quantization and matmul with query, value"
+    assert found.notes["encoder.layer.0.attention.self.key"] == "one quantization and matmul with query, value"
+    assert found.notes["encoder.layer.1.attention.self.key"] == ("one quantization and matmul with query, value; "
+                                                                 "input's fp8 form from the LayerNorm before it")
+    assert found.notes["encoder.layer.1.intermediate.dense"] == "input's fp8 form from the LayerNorm before it"
     assert "GELU" in found.notes["encoder.layer.1.output.dense"]
     assert "encoder.layer.1.attention.output.dense" not in found.notes
+
+
+def test_a_handoff_serves_only_the_tensor_it_was_made_from_once_per_reader():
+    handoff, y = fusion.QuantizedHandoff(readers=2), torch.randn(4, 8)
+    handoff.put(y, library._quantize_rows(y))
+    assert handoff.take(y.clone()) is None  # another tensor with the same values
+    assert handoff.take(y) is not None and handoff.take(y) is not None
+    assert handoff.take(y) is None and handoff._source is None  # both readers served: nothing held
+    handoff.put(y, library._quantize_rows(y))
+    y.add_(1)
+    assert handoff.take(y) is None  # changed in place after it was quantized
 
 
 def test_the_stacked_layer_gives_each_sibling_its_own_result():
@@ -140,6 +160,26 @@ def test_triton_gelu_quantization_agrees_with_gelu_then_quantize(rows, width):
     codes, codes_ref = q.view(torch.uint8).int(), q_ref.view(torch.uint8).int()
     assert (codes - codes_ref).abs().max() <= 1
     assert (codes != codes_ref).float().mean() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rows, width", [(65536, 1024), (1000, 768), (7, 384)])
+def test_triton_layer_norm_quantize_agrees_with_layer_norm_then_quantize(rows, width):
+    """The output within one bf16 step of nn.LayerNorm's (a reciprocal square root and a sum order of
+    its own), and quantized exactly as the Triton row quantization quantizes that output."""
+    from effml.kernels.fp8_quant import layer_norm_quantize, quantize_rows
+
+    x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16) * 4 + 1
+    norm = nn.LayerNorm(width).cuda().bfloat16()  # as in a bf16 model
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.2, 0.2)
+        y, q, scale = layer_norm_quantize(x, norm.weight, norm.bias, norm.eps, torch.bfloat16)
+        y_ref = norm(x)
+    y, y_ref = y.float(), y_ref.float()
+    assert ((y - y_ref).abs() <= torch.maximum(y.abs(), y_ref.abs()) * 2**-7 + 1e-6).all()  # one bf16 step
+    q_y, scale_y = quantize_rows(y)
+    assert torch.equal(scale, scale_y) and torch.equal(q.view(torch.uint8), q_y.view(torch.uint8))
 
 
 @pytest.mark.gpu
