@@ -83,10 +83,7 @@ def layer_norm_quantize(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Te
             rows, weight, bias, y, q, scale, n, k, eps, rows.stride(0), BLOCK_COLS=block, ROWS=per_program,
             num_warps=warps)
 
-    key = ("layer_norm", k, rows.dtype, out_dtype, n.bit_length())
-    if key not in _TILES:
-        _TILES[key] = fastest_tile(launch, block)
-    launch(*_TILES[key])
+    _launch_tuned(("layer_norm", k, rows.dtype, out_dtype, n.bit_length()), launch, block)
     return y, q, scale
 
 
@@ -104,14 +101,18 @@ def quantize_rows(rows: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor,
         _quantize_rows_kernel[(triton.cdiv(n, per_program),)](
             rows, q, scale, n, k, rows.stride(0), BLOCK_COLS=block, ROWS=per_program, GELU=gelu, num_warps=warps)
 
-    key = (k, gelu, rows.dtype, n.bit_length())  # rows bucketed by powers of two
-    if key not in _TILES:
-        _TILES[key] = fastest_tile(launch, block)
-    launch(*_TILES[key])
+    _launch_tuned((k, gelu, rows.dtype, n.bit_length()), launch, block)  # rows bucketed by powers of two
     return q, scale
 
 
 _TILES: dict[tuple, tuple[int, int]] = {}  # (kernel's shape key, rows bucket) → (rows a program, warps)
+
+
+def _launch_tuned(key: tuple, launch, block: int) -> None:
+    """``launch`` on the tile measured fastest for ``key`` (measured on the first call)."""
+    if key not in _TILES:
+        _TILES[key] = fastest_tile(launch, block)
+    launch(*_TILES[key])
 
 
 def fastest_tile(launch, block: int) -> tuple[int, int]:

@@ -282,16 +282,15 @@ def convert_linears(model: nn.Module, wanted: Mapping[str, list[str]], example_i
     model order, plus one for the whole model when anything was converted."""
     selector = KernelSelector(hardware)
     shapes = input_shapes(model, example_inputs, list(wanted))
-    originals = {}
+    originals, chosen = {}, {}  # the model stays dense until a layout is kept
     for path, kernels in wanted.items():
         if path not in shapes:  # not on the forward path of these inputs: nothing to time it on
             selector.decisions.append(Decision(path, "dense", "dense: layer not reached by the example inputs", ""))
             continue
         originals[path] = model.get_submodule(path)
-        set_module(model, path, selector.choose(path, originals[path], shapes[path], kernels))
-    chosen = {p: model.get_submodule(p) for p in originals if model.get_submodule(p) is not originals[p]}
-    for path in chosen:  # layouts are built on the dense model
-        set_module(model, path, originals[path])
+        module = selector.choose(path, originals[path], shapes[path], kernels)
+        if module is not originals[path]:
+            chosen[path] = module
     fuse = not getattr(hardware, "compile", False) if fuse is None else fuse
     layouts = {"selected": layout(model, originals, chosen, fuse)} if chosen else {}
     every = {p: module for p, (_, module) in selector.fastest.items()}
