@@ -151,6 +151,19 @@ def test_every_layer_keeps_at_least_one_head(fraction, kept):
     assert heads_kept(12, fraction) == kept
 
 
+def test_the_official_schedule_trains_the_ticket_shorter_at_a_higher_lr(minilm):
+    # github.com/VITA-Group/EarlyBERT finetune/launch_earlybert_glue.sh: 2 epochs at 2x the lr
+    from effml.config import TrainerConfig
+    from effml.task import ClassificationTask
+
+    search, ticket = EarlyBERT(EarlyBERTConfig(ticket_epochs=2, ticket_lr_scale=2.0)).stages()
+    assert (search.name, search.max_epochs, search.lr_scale) == ("search", 1, 1.0)
+    assert (ticket.name, ticket.max_epochs, ticket.lr_scale) == ("ticket", 2, 2.0)
+    task = ClassificationTask(minilm, TrainerConfig(optimizer="adamw", lr=5e-5, lr_schedule="constant", warmup_fraction=0))
+    task.lr_scale = ticket.lr_scale  # as the runner sets it per stage
+    assert task.configure_optimizers().param_groups[0]["lr"] == 1e-4
+
+
 def test_earlybert_end_to_end_reports_a_smaller_faster_ticket(effml, tmp_path):
     code, out, err = effml("train", *TOY, "trainer.max_epochs=1")
     assert code == 0, err
