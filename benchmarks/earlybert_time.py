@@ -97,9 +97,9 @@ def markdown(result: dict, overrides: list[str]) -> str:
         f"| **EarlyBERT total** | | **{result['earlybert_train_time_s']:.1f}** |",
         "",
         f"Training time saved: **{result['time_saving']:.1%}** (the paper: 35-45%; if time followed FLOPs: "
-        f"{result['flops_saving']:.1%}). The ticket's "
-        f"training step is {result['ticket_train_step_speedup']:.2f}x faster than dense, inference "
-        f"{result['ticket_inference_speedup']:.2f}x, FLOPs {result['flops_ratio']:.2f}x fewer. Kept heads "
+        f"{result['flops_saving']:.1%}). Ticket vs dense speed (> 1: faster): training step "
+        f"{result['ticket_train_step_speedup']:.2f}x, inference {result['ticket_inference_speedup']:.2f}x; "
+        f"FLOPs {result['flops_ratio']:.2f}x fewer. Kept heads "
         f"per layer {result['heads_per_layer']}, FFN widths {result['ffn_per_layer']}.{schedule}",
         "",
     ])
