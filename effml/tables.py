@@ -56,6 +56,7 @@ import json
 import math
 import os
 import statistics
+import textwrap
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -846,4 +847,5 @@ def _bars(axes, outcome: Outcome) -> None:
         top = max([c.mean + c.std for c in cells if c] + [y for _, y in published])
         low = min(lows)
         axes.set_ylim(max(0.0, low - 0.2 * (top - low) - 1e-9), top + 0.1 * (top - low) + 1e-9)
-    axes.set_xticks(list(positions), labels, rotation=15 if len(labels) > 3 else 0)
+    width = min(28, max(10, 70 // len(labels)))  # characters a bar's slot holds on the 10-inch figure
+    axes.set_xticks(list(positions), [textwrap.fill(label, width) for label in labels])
