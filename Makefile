@@ -45,10 +45,19 @@ test-fast: setup ## the tests not marked slow
 lint: setup ## ruff over the code
 	$(VENV)/bin/ruff check effml cli compressors models data kernels tests tools benchmarks
 
-bench: setup ## measure dense vs compressed (magnitude, structured BERT, kernels) on this machine; results in benchmarks/results/
+# EarlyBERT end to end: BERT-base shape, random weights, 16k tokens a step (the structured benchmark's goal)
+EARLYBERT_TIME ?= hardware=auto model=bert_base model.pretrained=null data.batch_size=256 data.num_workers=4 \
+  measure.batch_size=256 trainer.max_epochs=3 compressor.check_every=4
+
+bench: setup ## measure dense vs compressed (magnitude, structured BERT, kernels, EarlyBERT end to end on a GPU); results in benchmarks/results/
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/structured_bert.py
 	$(PY) benchmarks/kernels_bert.py
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+	  $(PY) benchmarks/earlybert_time.py $(EARLYBERT_TIME) && \
+	  $(PY) benchmarks/earlybert_time.py $(EARLYBERT_TIME) compressor.ticket_epochs=2 compressor.ticket_lr_scale=2 \
+	    --name earlybert_time_official; \
+	else echo "skipping benchmarks/earlybert_time.py: it trains BERT-base end to end twice and needs a GPU"; fi
 
 wheelhouse: setup ## wheels of effml and its dependencies for an offline node (WHEEL_PYTHON, WHEEL_PLATFORMS)
 	rm -rf wheelhouse && mkdir -p wheelhouse
