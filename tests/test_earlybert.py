@@ -151,6 +151,26 @@ def test_every_layer_keeps_at_least_one_head(fraction, kept):
     assert heads_kept(12, fraction) == kept
 
 
+def test_the_search_penalty_is_l1_on_every_coefficient():
+    torch.manual_seed(0)
+    model = BertClassifier.from_config(BertClassifierConfig(), DataInfo(2, "text"))
+    earlybert = EarlyBERT(EarlyBERTConfig(l1_heads=1e-3, l1_ffn=1e-4))
+    earlybert.attach(model)
+    with torch.no_grad():
+        for gate in earlybert.gates.parameters():
+            gate.uniform_(-2, 2)
+    heads, ffn = earlybert.gates.of(surgery.HEAD_GATE), earlybert.gates.of(surgery.NEURON_GATE)
+    penalty = earlybert.loss(None, None, None)
+    expected = 1e-3 * sum(float(g.abs().sum()) for g in heads) + 1e-4 * sum(float(g.abs().sum()) for g in ffn)
+    assert abs(float(penalty) - expected) < 1e-6 * expected
+    penalty.backward()
+    assert all(torch.equal(g.grad, 1e-3 * g.detach().sign()) for g in heads)
+    assert all(torch.equal(g.grad, 1e-4 * g.detach().sign()) for g in ffn)
+    # the mask check reads |c| of every layer in one copy, split back per layer
+    abs_heads, abs_ffn = earlybert._coefficients()
+    assert all(torch.equal(a, g.detach().abs()) for a, g in zip([*abs_heads, *abs_ffn], [*heads, *ffn], strict=True))
+
+
 def test_the_official_schedule_trains_the_ticket_shorter_at_a_higher_lr(minilm):
     # github.com/VITA-Group/EarlyBERT finetune/launch_earlybert_glue.sh: 2 epochs at 2x the lr
     from effml.config import TrainerConfig
