@@ -197,8 +197,9 @@ class EarlyBERT(Compressor):
     def _coefficients(self) -> tuple[list[Tensor], list[Tensor]]:
         """|c| of every layer's heads and neurons, on the CPU: one copy (one sync) for all of them."""
         heads, ffn = self.gates.of(surgery.HEAD_GATE), self.gates.of(surgery.NEURON_GATE)
-        flat = torch.cat([g.detach().reshape(-1) for g in [*heads, *ffn]]).abs().float().cpu()
-        parts = flat.split([g.numel() for g in [*heads, *ffn]])
+        gates = [*heads, *ffn]
+        flat = torch.cat([g.detach().reshape(-1) for g in gates]).abs().float().cpu()
+        parts = flat.split([g.numel() for g in gates])
         return list(parts[: len(heads)]), list(parts[len(heads) :])
 
     def _head_count(self) -> int:
