@@ -222,7 +222,7 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: Path, task, datamodule, compress
     with hw.kernel_context(t["hardware"]):
         trainer.fit(compiled(task, t["hardware"]), **data, ckpt_path=resume_from, weights_only=False)
     if trainer.interrupted:
-        writer.wait()
+        writer.close()
         raise SystemExit(f"effml: interrupted; rerun the same command to resume from {last}")
     record = {
         "name": stage.name,
@@ -237,7 +237,7 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: Path, task, datamodule, compress
     for compressor in compressors:
         record.update(compressor.end_stage(stage, record) or {})
     task.compressors = list(compressors)
-    writer.wait()  # the last epoch's checkpoint was written while the stage was evaluated
+    writer.close()  # the last epoch's checkpoint was written while the stage was evaluated
     save_stage_end(stage_dir, task, compressors, record)
     return record
 
@@ -330,8 +330,9 @@ class BackgroundCheckpointIO(TorchCheckpointIO):
 
     The disk is the slow part: on an H200 node a BERT-base checkpoint (weights and AdamW state,
     1.3 GB) took 3 s to write, as long as 40 training steps at batch 256, which made checkpointing
-    half of a 3-epoch fine-tuning's time. One write is in flight at a time; ``wait`` (the runner
-    calls it before a stage counts as finished) lands it and re-raises its error, if any."""
+    half of a 3-epoch fine-tuning's time. One write is in flight at a time; ``wait`` lands it and
+    re-raises its error, if any; ``close`` (the runner calls it before a stage counts as finished)
+    also ends the thread."""
 
     def __init__(self):
         super().__init__()
@@ -347,6 +348,13 @@ class BackgroundCheckpointIO(TorchCheckpointIO):
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
+
+    def close(self) -> None:
+        """``wait``, then end the writer thread: a run of many stages (IMP levels) keeps none idle."""
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown()
 
     def teardown(self) -> None:
         """Lightning tears the strategy down after fit: the write may go on, validation and test
