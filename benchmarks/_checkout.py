@@ -18,5 +18,5 @@ def use_checkout() -> None:
         sys.path.insert(0, str(REPO))
     import effml
 
-    if importlib.util.find_spec("effml.models") is None:  # checkout on sys.path: map its folders
+    if importlib.util.find_spec("effml.compressors") is None:  # checkout on sys.path: map its folders
         effml.__path__.append(str(REPO))

@@ -18,7 +18,7 @@ With ``--compile`` (default on CUDA) the 40/40 case is also timed under ``torch.
 multiple, then the other rounded multiples, fastest eager first, while the time budget
 (``--budget-s``) lasts.
 
-Goal check (DESIGN.md §6), on the eager numbers (effml's presets train with compile: false): 40/40 at
+Goal check (docs/ARCHITECTURE.md §6), on the eager numbers (effml's presets train with compile: false): 40/40 at
 the hardware preset's ``channel_multiple`` trains >= 1.4x faster than dense, and no level at that
 multiple is slower than dense (train or forward). The fastest multiple is reported too, so that the
 preset can be changed if another one wins.

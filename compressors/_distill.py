@@ -5,7 +5,7 @@ anything is written, effml.teachers), trains it in a ``prepare`` stage named ``t
 ``teacher.source=stage`` (the task's model is the teacher for that stage; its weights then travel
 in this compressor's state, so a resumed run skips the stage), and then calls it frozen, in eval
 mode under ``no_grad``, during the student's training. The student trains in a ``plain`` stage, so a
-pruning method composed beside it trains the student once, with both losses (DESIGN.md §3).
+pruning method composed beside it trains the student once, with both losses (docs/ARCHITECTURE.md §3).
 
 Speed in the report compares the student with its teacher (``reference``): the model it replaces.
 """

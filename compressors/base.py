@@ -1,4 +1,4 @@
-"""The compressor contract (DESIGN.md §3).
+"""The compressor contract (docs/ARCHITECTURE.md §3).
 
 A compressor is a Lightning ``Callback`` with a typed config. The runner calls, in order:
 
@@ -16,7 +16,7 @@ A compressor is a Lightning ``Callback`` with a typed config. The runner calls, 
    numbers. Accuracy is measured on the finalized model; speed and ``model.pt`` on
    ``deployable(model)`` (the same model unless a method simulates something it cannot deploy).
 
-Compressors compose (``compose:`` in a recipe, DESIGN.md §3): their losses add and their stages
+Compressors compose (``compose:`` in a recipe, docs/ARCHITECTURE.md §3): their losses add and their stages
 concatenate by role (``effml.runner.stage_plan``): every ``prepare`` stage first (a teacher trained
 in the run), then every ``train`` stage in declaration order; a ``plain`` stage (plain training of
 the model, e.g. distillation's student stage) runs only when no compressor declares a ``train``

@@ -1,6 +1,6 @@
 """Typed config schema, stored in Hydra's ConfigStore so composition validates every value.
 
-Layout (DESIGN.md §4): ``conf/config.yaml`` picks one preset per group; each preset's first
+Layout (docs/ARCHITECTURE.md §4): ``conf/config.yaml`` picks one preset per group; each preset's first
 defaults entry is the schema it extends (``/schema/<group>/<name>@_here_``), so a typo or a
 wrong type fails at composition with the field named. Model, data and compressor schemas come
 from the plug-in registries; the trainer, hardware, logger and measurement schemas live here.
@@ -150,7 +150,7 @@ class Config:
     model: Any = MISSING
     data: Any = MISSING
     compressor: Any = MISSING
-    # more compressors that act together with `compressor`, in this order (DESIGN.md §3), e.g. in a
+    # more compressors that act together with `compressor`, in this order (docs/ARCHITECTURE.md §3), e.g. in a
     # recipe's defaults `- /compressor@compose.kd: kd`, on the command line `+compressor@compose.kd=kd`
     compose: dict[str, Any] = field(default_factory=dict)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -1,4 +1,4 @@
-"""Measured, not estimated (DESIGN.md §6): sparsity, FLOPs, size, latency and memory of a model.
+"""Measured, not estimated (docs/ARCHITECTURE.md §6): sparsity, FLOPs, size, latency and memory of a model.
 
 Pure functions over a model and a dict of forward kwargs (`model(**inputs)`); no Hydra, no Lightning.
 
@@ -11,8 +11,8 @@ Pure functions over a model and a dict of forward kwargs (`model(**inputs)`); no
 Memory semantics, the same on every device: `peak_mem_bytes` = bytes resident before the forward
 (the model's own parameters and buffers + the inputs) + the peak of extra bytes allocated during one
 forward (`activation_peak_bytes`). On CUDA the extra comes from `max_memory_allocated`; on CPU from
-the profiler's allocation events (see `_cpu_peak_extra_bytes`: an approximation that sees only
-PyTorch's CPU allocator, not library-internal scratch memory).
+the tensor storage that ops allocate (see `_cpu_peak_extra_bytes`: an approximation that sees
+tensors, not scratch memory inside one op).
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ import contextlib
 import platform
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.sparse import SparseSemiStructuredTensor
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_leaves
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 INDEX_BYTES = 4  # int32 column index per stored nonzero in CSR
@@ -355,36 +356,59 @@ def _timing_summary(seconds: list[float], batch_size: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- memory
 
 
+class _LiveCpuBytes(TorchDispatchMode):
+    """Bytes of CPU tensor storage that ops allocated and that are still referenced, and their peak.
+
+    Every op's outputs are seen at dispatch; a storage counts once, only if the op allocated it (not
+    a view or in-place result of its inputs), and stops counting when its last reference dies (a
+    weak reference, checked at each op).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.current -= self.live.pop(key)[1]
+        inputs = {s._cdata for s in map(_storage, tree_leaves((args, kwargs))) if s is not None}
+        for t in tree_leaves(out):
+            storage = _storage(t)
+            if storage is not None and t.device.type == "cpu":
+                if storage._cdata not in self.live and storage._cdata not in inputs:  # a new allocation
+                    self.live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def _storage(t: Any) -> torch.UntypedStorage | None:
+    """A dense tensor's storage; None for non-tensors and for tensors without one (sparse, wrapper
+    subclasses such as torchao's quantized weights, whose inner tensors are seen by their own ops)."""
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+        return None
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def _cpu_peak_extra_bytes(fn: Callable[[], Any]) -> int:
     """Peak bytes allocated by `fn` on CPU beyond what was live before it (approximation).
 
-    Runs fn once under torch.profiler(profile_memory=True) and takes the maximum of the running sum of
-    allocation (+) and free (-) events in time order. Sees every tensor allocation through PyTorch's
-    CPU allocator (outputs, intermediates, ATen workspaces), not memory that libraries such as
-    oneDNN/MKL allocate themselves, nor Python objects. Checked on an MLP: equals the sum of the
-    live activations at the widest point (e.g. Linear output + ReLU output), and gave the same bytes
-    as CUDA's max_memory_allocated for the same MLP (4096x4096 fp32 activations: 2 x 64 MiB).
+    The peak, over op boundaries, of the storage that ops inside `fn` allocated and that is still
+    referenced: outputs, intermediates, saved activations, gradients. It does not see scratch memory
+    that lives inside one op (oneDNN/MKL workspaces), nor Python objects. On an MLP it equals the
+    live activations at the widest point (e.g. Linear output + ReLU output), as CUDA's
+    max_memory_allocated does. (torch.profiler gave the same figure, but prints two USDT lines per
+    call that no setting silences.)
     """
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Profiler clears events at the end of each cycle" and the like
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            out = fn()
-            del out
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    events = []
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-    running = peak = 0
-    for _, size in sorted(events):
-        running += size
-        peak = max(peak, running)
-    return peak
+    with _LiveCpuBytes() as tracker:
+        out = fn()
+        del out
+    return tracker.peak
 
 
 def _peak_memory(fn: Callable[[], Any], device: torch.device, resident: int) -> dict[str, Any]:
@@ -400,7 +424,7 @@ def _peak_memory(fn: Callable[[], Any], device: torch.device, resident: int) -> 
         method = "cuda.max_memory_allocated"
     else:
         extra = _cpu_peak_extra_bytes(fn)
-        method = "cpu profiler allocations (approx.)"
+        method = "cpu live tensor storage (approx.)"
     return {"peak_mem_bytes": resident + extra, "activation_peak_bytes": extra, "memory_method": method}
 
 

@@ -1,4 +1,4 @@
-"""One run, top to bottom (DESIGN.md §2):
+"""One run, top to bottom (docs/ARCHITECTURE.md §2):
 
     plan → build → for each stage: skip if finished, else fit (resuming from last.ckpt)
          → finalize → test → measure dense vs compressed → metrics.json
@@ -76,6 +76,8 @@ def run(cfg: DictConfig, group: str | None = None) -> dict:
         return report.load_metrics(metrics_path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        # Lightning 2.6 builds LeafSpec(), which torch 2.13 deprecates: nothing a user of effml can act on
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
         built = build(p)  # data and model load before anything is written: a failure leaves no trace
         p.run_dir.mkdir(parents=True, exist_ok=True)
         with run_lock(p.run_dir), run_log(p.run_dir):

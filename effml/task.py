@@ -2,7 +2,7 @@
 
 A Lightning callback cannot change the loss, so the task asks each compressor for its term
 (``Compressor.loss``) and adds it, after scaling its own cross-entropy by the compressors'
-``hard_loss_weight`` (DESIGN.md §3).
+``hard_loss_weight`` (docs/ARCHITECTURE.md §3).
 """
 
 from __future__ import annotations

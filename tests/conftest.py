@@ -1,4 +1,4 @@
-"""Shared test helpers: run the real CLI in-process on shrunken configs (DESIGN.md §8)."""
+"""Shared test helpers: run the real CLI in-process on shrunken configs (docs/ARCHITECTURE.md §8)."""
 
 from __future__ import annotations
 

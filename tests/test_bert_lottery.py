@@ -272,6 +272,7 @@ def stage_end(run_dir: Path, stage: str) -> dict:
     return torch.load(next((run_dir / "stages").glob(f"*_{stage}/end.pt")), weights_only=False)
 
 
+@pytest.mark.slow  # minutes on 2 CPUs: make test-slow
 def test_good_subnetwork_end_to_end_resume_after_each_finished_stage_and_the_random_control(effml, tmp_path):
     code, _, err = effml(*TOY)
     assert code == 0, err
@@ -332,7 +333,7 @@ def test_good_subnetwork_end_to_end_resume_after_each_finished_stage_and_the_ran
     assert random["kept_heads"] != report["kept_heads"] and min(random["heads_per_layer"]) >= 1
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_bad_subnetwork_end_to_end(effml, tmp_path):
     code, _, err = effml(*TOY, "compressor.subnetwork=bad")
     assert code == 0, err
@@ -344,7 +345,7 @@ def test_bad_subnetwork_end_to_end(effml, tmp_path):
     assert report["kept_heads"] != report["good"]["kept_heads"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_m_pruning_end_to_end(effml, tmp_path):
     code, _, err = effml(*TOY, "compressor.mode=m", "compressor.subnetwork=random")
     assert code == 0, err
@@ -357,7 +358,7 @@ def test_m_pruning_end_to_end(effml, tmp_path):
     assert nonzero / sum(v["numel"] for v in encoder) == pytest.approx(report["weights_remaining"], abs=1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # minutes on 2 CPUs: make test-slow
 def test_kill_mid_retrain_then_rerun_gives_the_same_subnetwork(tmp_path):
     args = [*TOY, "trainer.max_epochs=2"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"

@@ -125,7 +125,7 @@ def test_loggers_write_offline(effml, tmp_path, logger, monkeypatch):
         assert list(logs.rglob("events.out.tfevents.*"))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_joblib_launcher_runs_sweep_jobs_in_parallel_processes(tmp_path):
     from conftest import run_cli
 

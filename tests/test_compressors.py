@@ -13,7 +13,7 @@ from effml.registry import COMPRESSORS
 
 # Compressors of BERT structure (heads, FFN neurons) need a BERT and text; the rest get digits.
 SMOKE_DATA = {"earlybert": ["model=minilm_l6", "data=rotten_tomatoes", "data.train_subset=128",
-                            "data.max_length=32", "trainer.limit_train_batches=2", "data.eval_batch_size=64"]}
+                            "data.max_length=32", "trainer.limit_train_batches=2", "data.eval_batch_size=16"]}
 SMOKE_DATA["bert_lottery"] = [*SMOKE_DATA["earlybert"], "compressor.search_batches=1", "compressor.max_steps=2"]
 # Distillers need a teacher: a wider LeNet trained in the run's first stage.
 SMOKE_DATA["kd"] = ["data=digits", "compressor.teacher.model={name:lenet_300_100,hidden:[256,128]}"]
@@ -94,7 +94,7 @@ def test_magnitude_config_rejects_bad_values(field, value):
         MagnitudeConfig(**{field: value})
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_magnitude_recipe_hits_target_sparsity_on_fashion_mnist(effml, tmp_path):
     """The issue's acceptance run at reduced length: sparsity within 0.1% of target, real accuracy."""
     code, _, err = effml("train", "recipe=magnitude_lenet", "trainer.max_epochs=2", "trainer.progress_bar=off",

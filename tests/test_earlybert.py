@@ -82,7 +82,7 @@ def test_removing_heads_and_neurons_computes_what_zero_gates_compute(minilm, tmp
 @pytest.mark.parametrize("count, multiple, unit, limit, expected", [
     (7, 128, 64, 12, 8),  # BERT-base heads: 7 × 64 = 448 → 8 × 64 = 512
     (8, 128, 32, 12, 8),  # MiniLM heads (32 wide): 8 × 32 = 256 already aligned
-    (1843, 128, 1, 3072, 1920),  # DESIGN.md §6: 1843 ran slower than dense, 1920 faster
+    (1843, 128, 1, 3072, 1920),  # docs/ARCHITECTURE.md §6: 1843 ran slower than dense, 1920 faster
     (1843, 1, 1, 3072, 1843),
     (3071, 128, 1, 3072, 3072),  # never beyond the layer's width
     (0, 8, 1, 100, 8),  # never zero
@@ -212,7 +212,7 @@ def test_earlybert_end_to_end_reports_a_smaller_faster_ticket(effml, tmp_path):
     assert again["sparsity"]["params_total"] == speed["compressed"]["params"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # minutes on 2 CPUs: make test-slow
 def test_kill_mid_ticket_and_after_it_then_rerun_gives_the_same_ticket(tmp_path):
     # 5 steps an epoch: the early bird at step 3, then a 2-epoch ticket with a checkpoint after epoch 1;
     # the random ticket, so its draw must also come out the same after each kill

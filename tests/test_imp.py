@@ -94,7 +94,7 @@ def test_keep_largest_never_revives_a_pruned_weight():
 
 
 # -- end to end on real Fashion-MNIST ---------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_lth_lenet_levels_controls_and_transfer(effml, tmp_path):
     base = [*LENET, "compressor.levels=2"]
     code, _, err = effml(*base, "compressor.control=reinit")
@@ -132,7 +132,7 @@ def test_lth_lenet_levels_controls_and_transfer(effml, tmp_path):
     assert all(torch.equal(level_masks(transfer)[2][k], v) for k, v in ticket[2].items())
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_rewind_to_a_step_keeps_that_steps_weights(effml, tmp_path):
     assert effml(*LENET, "compressor.levels=1", "compressor.rewind=step:3")[0] == 0
     run_dir = next((tmp_path / "outputs").rglob("metrics.json")).parent
@@ -163,7 +163,7 @@ def test_bad_input_is_one_line_and_writes_nothing(effml, tmp_path, override, mes
     assert not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_kill_mid_level_then_rerun_gives_the_same_masks(tmp_path):
     args = ["train", "recipe=lth_lenet", "compressor.levels=3", "trainer.max_epochs=3", "data.train_subset=3000",
             "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.progress_bar=off",
@@ -184,7 +184,7 @@ def test_kill_mid_level_then_rerun_gives_the_same_masks(tmp_path):
     assert metrics_a["compressors"]["imp"]["levels"] == metrics_b["compressors"]["imp"]["levels"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # minutes on 2 CPUs: make test-slow
 def test_lth_bert_shuffle_control_and_transfer_to_subjectivity(effml, tmp_path):
     """Chen et al.'s setting at toy scale: IMP from pre-trained MiniLM-L6, the shuffled-weights
     control on the ticket's masks, and the ticket reused on the subjectivity task."""

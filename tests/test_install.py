@@ -16,7 +16,7 @@ from conftest import REPO
 IGNORE = shutil.ignore_patterns(".venv", ".git", "outputs", "wheelhouse", "build", "*.egg-info", "__pycache__")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_non_editable_install_runs_from_anywhere(tmp_path):
     source = tmp_path / "source"
     shutil.copytree(REPO, source, ignore=IGNORE)

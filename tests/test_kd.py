@@ -155,7 +155,7 @@ def finish_composed(cwd: Path) -> dict:
     return json.loads(next(cwd.rglob("metrics.json")).read_text())
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_prune_while_distilling_resumes_exactly_after_kills_in_both_stages(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir(), killed.mkdir()

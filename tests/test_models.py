@@ -34,7 +34,7 @@ PINNED_PARAMS = {
     "conv6": (CIFAR, 2_262_602),
     "resnet20": (CIFAR, 269_722),  # He et al. 2016 Table 6: 0.27M
     "vit_tiny": (FMNIST, 2_684_554),  # ViT: 4x4 patches, D=192, 6 blocks, 3 heads on 28x28
-    "minilm_l6": (TEXT, 22_713_216 + 384 * 2 + 2),  # encoder (DESIGN.md §7: 22.7M) + 2-class head
+    "minilm_l6": (TEXT, 22_713_216 + 384 * 2 + 2),  # encoder (docs/ARCHITECTURE.md §7: 22.7M) + 2-class head
 }
 # Weights only (no biases), as the LTH paper's Figure 2 counts them: 4.3M, 2.4M, 1.7M. Its Conv-6
 # figure does not fit its own architecture (convs 1.14M + first FC 4*4*256*256 = 1.05M); see conv.py.

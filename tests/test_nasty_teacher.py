@@ -60,7 +60,7 @@ def test_nasty_teacher_config_errors_name_the_field():
         NastyTeacherConfig(omega=-0.1)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_nasty_teacher_keeps_its_accuracy_and_moves_its_soft_outputs_away(effml, tmp_path):
     """Digits, a LeNet adversary trained in the run: ω = 0 gives a second normal network (small KL
     to the adversary), the paper's ω = 0.04 a nasty one (KL at τ = 4 many times larger)."""

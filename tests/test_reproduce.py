@@ -372,7 +372,7 @@ def finished(tmp_path_factory):
     return Finished(root, env, run_cli(["reproduce", "tiny", *TINY], cwd=root, env=env))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.xdist_group("reproduce")
 def test_table_matches_the_runs_and_checks_the_claims(finished):
     result = finished.result
@@ -398,7 +398,7 @@ def test_table_matches_the_runs_and_checks_the_claims(finished):
     assert "| dense |" in (finished.folder / "table.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.xdist_group("reproduce")
 def test_rerun_reuses_every_finished_run(finished, effml, monkeypatch):
     monkeypatch.chdir(finished.root)
@@ -412,7 +412,7 @@ def test_rerun_reuses_every_finished_run(finished, effml, monkeypatch):
     assert [f.stat().st_mtime_ns for f in files] == before
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.xdist_group("reproduce")
 def test_report_only_aggregates_what_is_there(finished, effml, monkeypatch, tmp_path):
     monkeypatch.chdir(finished.root)
@@ -425,7 +425,7 @@ def test_report_only_aggregates_what_is_there(finished, effml, monkeypatch, tmp_
     assert code == 1 and out.count("missing: ") == 4 and "failed" in out
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.xdist_group("reproduce")
 def test_a_failed_run_is_missing_and_the_others_are_kept(finished, effml, monkeypatch, tmp_path):
     from effml import runner

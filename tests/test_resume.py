@@ -54,7 +54,7 @@ def final_state(root: Path) -> tuple[dict, dict]:
     return model, json.loads((run_dir / "metrics.json").read_text())
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "schedule, marker",
     [

@@ -11,7 +11,7 @@ S-pruning, Prasanna et al. EMNLP 2020):
 - **Physical removal**: a pruned head loses its Q/K/V rows and its output-projection columns, a
   pruned neuron its row of ``intermediate.dense`` and its column of ``output.dense``; the model is
   then smaller dense modules. Kept widths are rounded up to the hardware's channel multiple
-  (DESIGN.md §6: an FFN of 1843 ran 1.43x slower than dense, 1920 ran 1.23x faster).
+  (docs/ARCHITECTURE.md §6: an FFN of 1843 ran 1.43x slower than dense, 1920 ran 1.23x faster).
 - **Export**: ``save_pruned`` writes an HF directory whose ``config.json`` records the per-layer
   head indices and FFN widths under ``effml_structure``; ``load_pruned`` (and ``model.pretrained=
   <dir>`` in effml) rebuilds it. transformers 5 dropped ``prune_heads``, and ``BertConfig`` has a

@@ -1,7 +1,7 @@
 """Kernel selection by measurement: keep an alternative kernel only where it is faster on this device.
 
 A hardware target's promise is real speed, never a slowdown, and a kernel's name does not keep it
-(DESIGN.md §6). So, for each layer a method wants to convert (``ptq``/``qat`` to fp8 or int8,
+(docs/ARCHITECTURE.md §6). So, for each layer a method wants to convert (``ptq``/``qat`` to fp8 or int8,
 ``nm_sparsity`` to 2:4), :class:`KernelSelector` times the dense layer and every allowed alternative
 on the run's real shapes (``measure.batch_size`` × the data's sequence length, captured by a forward
 hook) in the run's precision, interleaved, and keeps the fastest only where it beats dense by

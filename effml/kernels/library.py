@@ -3,7 +3,7 @@
 Every kernel is a name (``hardware.kernels`` lists the allowed ones), a check that says why it
 cannot run on a device / layer / dtype (or None), and a conversion that returns a new layer computing
 the same function with that kernel. Whether it is *kept* is decided by ``effml.kernels.select``: by
-measurement, because running is not the same as being faster (DESIGN.md §6: on an H100 with stock
+measurement, because running is not the same as being faster (docs/ARCHITECTURE.md §6: on an H100 with stock
 PyTorch, 2:4 sparse matmuls were 4-30x slower than dense on BERT shapes, ``torch._int_mm`` 5.6x
 slower than bf16, fp8 1.9x faster).
 

@@ -1,6 +1,6 @@
 """Resolve ``hardware=...`` against the machine and apply its kernel settings.
 
-``auto`` picks a preset by what is actually there (H200, H100, A100-class, other GPU, CPU) (DESIGN.md §6: the H100's measured defaults
+``auto`` picks a preset by what is actually there (H200, H100, A100-class, other GPU, CPU) (docs/ARCHITECTURE.md §6: the H100's measured defaults
 differ from an A100's). The attention backends are a preference order: the first one the device
 supports wins, and the choice is recorded with the run.
 """
