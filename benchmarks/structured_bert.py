@@ -27,9 +27,11 @@ Results: benchmarks/results/structured_bert_<device>.json and .md (``--out`` to 
 Without CUDA (or with ``--model tiny``) a 2-layer hidden-192 BERT with 12 heads of 16 runs at batch
 4 x seq 32 in fp32: the code path, not a measurement.
 
-Needs torch and transformers only (plus PyYAML, a transformers dependency): of effml it imports
-``effml.measure``, ``effml.kernels.hardware`` (preset detection, SDPA names) and
-``effml.models.bert_surgery``, none of which imports Hydra/OmegaConf/Lightning at module level.
+Needs torch, transformers and Lightning (what a GPU node has; plus PyYAML, a transformers
+dependency): of effml it imports ``effml.measure``, ``effml.kernels.hardware`` (preset detection,
+SDPA names), ``effml.models`` (BertClassifier, bert_surgery) and ``heads_kept`` from the EarlyBERT
+compressor, none of which imports Hydra, OmegaConf, datasets or wandb at module level. The hardware
+preset is read from its YAML with PyYAML, because effml's config schema imports Hydra.
 If ``effml`` is not installed, the checkout it lives in is used (its top-level folders are mapped
 into the ``effml`` package here, as pyproject's package-dir does). So on a GPU machine with torch and
 transformers, from the repository root:
@@ -68,8 +70,10 @@ from _checkout import REPO, use_checkout  # noqa: E402
 
 use_checkout()
 from effml import measure  # noqa: E402
+from effml.compressors.earlybert import heads_kept  # noqa: E402
 from effml.kernels import hardware  # noqa: E402
 from effml.models import bert_surgery as surgery  # noqa: E402
+from effml.models.bert import BertClassifier  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LEVELS = (0.2, 0.4, 0.6)
@@ -114,22 +118,7 @@ FULL = {"infer": Timing(3, 10, 0.4, 10.0), "train": Timing(3, 10, 1.0, 15.0)}
 QUICK = {"infer": Timing(1, 2, 0.0, 2.0), "train": Timing(1, 2, 0.0, 3.0)}
 
 
-# -- the model: what effml's BertClassifier is, without importing its registry (Hydra) ------------
-class BertClassifier(nn.Module):
-    """BERT encoder (``.bert``) + pooler + dropout + linear ``classifier``: effml's BertClassifier layout."""
-
-    def __init__(self, encoder: nn.Module, num_classes: int = NUM_CLASSES):
-        super().__init__()
-        config = encoder.config
-        self.bert = encoder
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.classifier = nn.Linear(config.hidden_size, num_classes)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
-        return self.classifier(self.dropout(out.pooler_output))
-
-
+# -- the model: effml's own BertClassifier (its registry does not import Hydra) -------------------
 def build_dense(shape: Shape, seed: int = 0) -> BertClassifier:
     from transformers import AutoModel, BertConfig
     from transformers.utils import logging as hf_logging
@@ -138,7 +127,7 @@ def build_dense(shape: Shape, seed: int = 0) -> BertClassifier:
     torch.manual_seed(seed)
     config = BertConfig(num_hidden_layers=shape.layers, hidden_size=shape.hidden,
                         num_attention_heads=shape.heads, intermediate_size=shape.ffn, vocab_size=shape.vocab)
-    return BertClassifier(AutoModel.from_config(config, attn_implementation="sdpa")).train()
+    return BertClassifier(AutoModel.from_config(config, attn_implementation="sdpa"), NUM_CLASSES).train()
 
 
 def kept_widths(shape: Shape, level: float, multiple: int) -> tuple[int, int]:
@@ -147,7 +136,7 @@ def kept_widths(shape: Shape, level: float, multiple: int) -> tuple[int, int]:
     The counts are the EarlyBERT compressor's (``heads_kept``: n - round(n * level), at least one;
     FFN: round(n * (1 - level))); heads round in units of the head size.
     """
-    heads = max(1, shape.heads - round(shape.heads * level))
+    heads = heads_kept(shape.heads, level)
     ffn = max(1, round(shape.ffn * (1 - level)))
     return (surgery.round_up(heads, multiple, shape.head_size, shape.heads),
             surgery.round_up(ffn, multiple, 1, shape.ffn))

@@ -16,7 +16,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
 from effml.config import conf_dir, recipe_files, register_schemas
-from effml.errors import EffmlError
+from effml.errors import EffmlError, one_line
 
 GROUPS = ("model", "data", "compressor", "hardware", "trainer", "logger")
 
@@ -66,14 +66,3 @@ def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
         raise EffmlError(one_line(e)) from None
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
-
-def one_line(error: BaseException) -> str:
-    """The most specific message of an exception chain, on one line."""
-    while error.__cause__ is not None and not getattr(error, "full_key", None):
-        error = error.__cause__
-    message = getattr(error, "msg", None) or str(error)
-    key = getattr(error, "full_key", None)
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type="))]
-    text = "; ".join(lines)
-    return f"{key}: {text}" if key and key not in text else text

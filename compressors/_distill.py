@@ -19,7 +19,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from effml.compressors.base import Compressor, CompressorConfig, Stage
+from effml.compressors.base import Compressor, CompressorConfig, RunContext, Stage
 from effml.errors import EffmlError
 from effml.teachers import HFClassifier, Teacher, TeacherConfig, build_teacher, check_outputs, frozen
 
@@ -54,6 +54,15 @@ class Distiller(Compressor):
 
     needs_teacher_logits = True  # False for methods that only match features
 
+    @classmethod
+    def effect(cls, name: str, metrics: dict) -> str | None:
+        """A teacher trained in the run was the model of its own stage (its record says how big)."""
+        if not str(metrics["compressors"][name]["teacher"]).startswith("stage:"):
+            return None
+        if any(s["owner"] == name and "teacher_params" in s for s in metrics["stages"]):
+            return None
+        return "its teacher stage never trained the teacher"
+
     def __init__(self, cfg: Any):
         super().__init__(cfg)
         self.teacher_module: nn.Module | None = None
@@ -70,8 +79,8 @@ class Distiller(Compressor):
     def student_stages(self) -> list[Stage]:
         return [Stage("train", owner=self.name, role="plain")]
 
-    def prepare(self, plan, datamodule) -> None:
-        self.teacher_module = build_teacher(self.cfg.teacher, datamodule, plan.cfg.output_root, plan.cfg.seed)
+    def prepare(self, ctx: RunContext, datamodule) -> None:
+        self.teacher_module = build_teacher(self.cfg.teacher, datamodule, ctx.output_root, ctx.seed)
         self.use_teacher(datamodule)
 
     def use_teacher(self, datamodule, without_logits: str = "") -> None:
@@ -89,12 +98,12 @@ class Distiller(Compressor):
 
     def begin_stage(self, stage: Stage, task) -> None:
         self.task = task
-        if stage.owner == self.name and stage.name == "teacher":
+        if stage.of(self.name, "teacher"):
             self.student, task.model = task.model, self.teacher_module.train().requires_grad_(True)
             self.training_teacher = True
 
     def end_stage(self, stage: Stage, record: dict) -> dict | None:
-        if stage.owner == self.name and stage.name == "teacher":
+        if stage.of(self.name, "teacher"):
             self.task.model = self.student
             frozen(self.teacher_module)
             self.training_teacher = False

@@ -49,10 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from effml.compressors.base import Compressor, CompressorConfig
-from effml.compressors.magnitude import LAYER_TYPES, matches
+from effml.compressors._masks import LAYER_TYPES, matches
+from effml.compressors.base import Compressor, CompressorConfig, RunContext
 from effml.errors import EffmlError
 from effml.kernels.library import kernel
+from effml.kernels.names import QUANTIZED
 from effml.kernels.select import convert_linears, hardware_device, precision_dtype, set_module
 from effml.teachers import TrainedWeightsConfig, load_weights, trained_state
 
@@ -287,7 +288,7 @@ def observer_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 # -- what the ptq and qat compressors share ------------------------------------------------------
-KERNEL_CHOICES = ("int8_dynamic", "int8_weight_only", "int4_weight_only", "fp8_rowwise", "fp8_dynamic", "none")
+KERNEL_CHOICES = (*QUANTIZED, "none")
 @dataclass
 class QuantConfig(CompressorConfig):
     """Fields ptq and qat share; the defaults are the common int8 setting (W8A8)."""
@@ -325,13 +326,19 @@ class QuantConfig(CompressorConfig):
 class Quantizer(Compressor):
     """Base of ptq and qat: the quantized layers, trained weights from elsewhere, the real kernels."""
 
+    owns = frozenset({"quantization"})
+
+    @classmethod
+    def effect(cls, name: str, metrics: dict) -> str | None:
+        kernels = metrics["compressors"][name]["kernels"]  # quantized layers per kernel ("simulated" included)
+        return None if sum(kernels.values()) > 0 else "no layer was quantized"
+
     def __init__(self, cfg: QuantConfig):
         super().__init__(cfg)
         self.model: nn.Module | None = None
         self.targets: dict[str, nn.Module] = {}  # the layers to quantize, as the model had them
         self.layers: dict[str, FakeQuantized] = {}
         self.errors: dict[str, float] = {}  # relative weight error per layer, measured when snapped
-        self.kernel_decisions: list[dict[str, Any]] = []  # the runner records them
         self.example_inputs: dict[str, Tensor] | None = None  # the shapes kernels are timed on
         self.datamodule = None
 
@@ -341,12 +348,12 @@ class Quantizer(Compressor):
         self.targets = quantizable(model, self.cfg.layer_types, self.cfg.skip, self.name)
         return model
 
-    def prepare(self, plan, datamodule) -> None:
+    def prepare(self, ctx: RunContext, datamodule) -> None:
         self.datamodule = datamodule
-        self.example_inputs = datamodule.example_inputs(plan.typed["measure"].batch_size)
-        self.check_forced_kernel(plan.typed["hardware"])
+        self.example_inputs = datamodule.example_inputs(ctx.measure.batch_size)
+        self.check_forced_kernel(ctx.hardware)
         if self.cfg.weights.source != "none":
-            self.load_trained(plan, datamodule)
+            self.load_trained(ctx, datamodule)
 
     def report(self) -> dict[str, Any]:
         chosen = {d["layer"]: d["kernel"] for d in self.kernel_decisions if d["kernel"] != "dense"}
@@ -396,9 +403,9 @@ class Quantizer(Compressor):
         for quantizer in self.input_quantizers():
             quantizer.observing = observing
 
-    def load_trained(self, plan, datamodule) -> None:
+    def load_trained(self, ctx: RunContext, datamodule) -> None:
         """The finished model's weights into this one (observer buffers left as they are)."""
-        state, where, _ = trained_state(self.cfg.weights, plan.cfg.output_root, plan.cfg.seed, datamodule.info,
+        state, where, _ = trained_state(self.cfg.weights, ctx.output_root, ctx.seed, datamodule.info,
                                         "trained model")
         state = plain_keys_to_wrapped(state, self.layers)
         load_weights(self.model, {**observer_state(self.model), **state}, where, "trained model")

@@ -4,8 +4,9 @@ A compressor is a Lightning ``Callback`` with a typed config. The runner calls, 
 
 1. ``attach(model)`` once, before any checkpoint is loaded: wrap or reparametrize the model, so a
    resumed run's checkpoint keys match;
-2. ``prepare(plan, datamodule)``, still before anything is written: check that the run can work
-   (bounds that depend on the data, other runs it needs) and fail with one line if not;
+2. ``prepare(ctx, datamodule)``, with the run's read-only ``RunContext``, still before anything is
+   written: check that the run can work (bounds that depend on the data, other runs it needs) and
+   fail with one line if not;
 3. for each of its ``stages()`` (a stage is one ``Trainer.fit``): ``begin_stage(stage, task)``,
    then the fit, during which Lightning calls the usual callback hooks and the task adds
    ``loss(task, batch, logits)`` to the training loss (and scales its own cross-entropy by
@@ -39,26 +40,76 @@ so a compressor that changed the model's shape (structured pruning) restores tha
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from torch import nn
 
+from effml.errors import EffmlError
+
 
 @dataclass(frozen=True)
 class Stage:
-    """One ``Trainer.fit``. ``max_epochs=None`` means ``trainer.max_epochs``."""
+    """One ``Trainer.fit``. ``max_epochs=None`` means ``trainer.max_epochs``.
 
-    name: str
+    ``key`` is the declaring compressor's own name for the stage, and never changes: compressors
+    recognise their stages by it (``stage.of(self.name, "teacher")``). ``label`` names the stage's
+    directory and record; the runner sets it (``effml.runner.stage_plan``): the key, or
+    ``<owner>_<key>`` when two compressors' keys collide.
+    """
+
+    key: str
     max_epochs: int | None = None
     owner: str = ""  # the compressor that declared it
     lr_scale: float = 1.0  # the stage's learning rate is trainer.lr times this
     role: str = "train"  # prepare | train | plain (see the module docstring)
+    label: str = ""
 
     def __post_init__(self):
         assert self.role in ("prepare", "train", "plain"), self.role
+        if not self.label:
+            object.__setattr__(self, "label", self.key)
+
+    def of(self, owner: str, *keys: str) -> bool:
+        """Declared by ``owner`` (and, if keys are given, one of them)."""
+        return self.owner == owner and (not keys or self.key in keys)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a compressor knows of its run, read-only: ``prepare(ctx, datamodule)`` receives it.
+
+    ``hardware`` is the resolved target (``hardware=auto`` already decided); ``model``, ``data``,
+    ``trainer`` and ``measure`` are the run's typed sections; ``sections`` holds all of them, for a
+    method that must find a related run by its identity (imp's controls).
+    """
+
+    name: str  # the recipe's
+    seed: int
+    run_dir: Path
+    output_root: Path
+    hardware: Any
+    model: Any
+    data: Any
+    trainer: Any
+    measure: Any
+    sections: Mapping[str, Any]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda" if self.hardware.accelerator == "gpu" and torch.cuda.is_available() else "cpu")
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of a mixed-precision run on the GPU (Lightning's bf16-mixed / 16-mixed)."""
+        precision = str(self.hardware.precision)
+        if self.device.type != "cuda" or not precision.endswith("-mixed"):
+            return None
+        return torch.bfloat16 if precision.startswith("bf16") else torch.float16
 
 
 @dataclass
@@ -68,11 +119,54 @@ class CompressorConfig:
     name: str = "none"
 
 
+@dataclass(frozen=True)
+class Smoke:
+    """A run of seconds on embedded data that shows the method at work. The registry-driven tests run
+    every compressor on it, and the composition matrix every pair (tests/test_composition.py).
+
+    ``setups`` name the model and data it runs on (``effml.compressors.smoke.SETUPS``), preferred
+    first; ``settings`` are its own fields, relative to its config (``teacher.epochs=1``).
+    """
+
+    setups: tuple[str, ...] = ("mlp",)
+    settings: tuple[str, ...] = ()
+
+
+# What a compressor may change in the model or the run, in words that finish "<name> ...".
+OWNED = {
+    "structure": "removes heads and neurons physically",
+    "masks": "prunes the weights with masks of its own",
+    "quantization": "quantizes the weights",
+    "training quantization": "fake-quantizes the layers while they train",
+    "modules": "adds modules of its own to the model (heads, exits, projections)",
+    "training data": "replaces the training data",
+}
+# Pairs of owned things that cannot meet in one run (each found to crash or to undo the other in the
+# composition matrix, tests/test_composition.py): each thing with itself; physical cuts, which rewind
+# to θ0 by parameter name, beside anything that renames or adds parameters; and layers fake-quantized
+# in training beside masks or added heads that wrap or tap the same layers.
+CONFLICTS = {frozenset({thing}) for thing in OWNED} | {
+    frozenset(pair) for pair in [("structure", "masks"), ("structure", "quantization"), ("structure", "modules"),
+                                 ("training quantization", "masks"), ("training quantization", "modules")]}
+
+
 class Compressor(L.Callback):
     """Base class: every hook is a no-op, a method overrides only what it needs."""
 
+    smoke: ClassVar[Smoke] = Smoke()
+    owns: ClassVar[frozenset[str]] = frozenset()  # keys of OWNED: what this method changes
+
+    @classmethod
+    def effect(cls, name: str, metrics: dict[str, Any]) -> str | None:
+        """What must be true after a run of this method, alone or composed, read from the run's
+        ``metrics.json`` (its report is ``metrics["compressors"][name]``): None, or what is wrong, in
+        words. The smoke tests and the composition matrix assert it."""
+        return None
+
     def __init__(self, cfg: Any):
         self.cfg = cfg
+        # Kernel choices made in finalize (effml.kernels.select.Decision.as_dict()); the run records them.
+        self.kernel_decisions: list[dict[str, Any]] = []
 
     @property
     def name(self) -> str:
@@ -93,8 +187,8 @@ class Compressor(L.Callback):
     def attach(self, model: nn.Module) -> nn.Module:
         return model
 
-    def prepare(self, plan: Any, datamodule: Any) -> None:
-        """Check the run before any file is written (``plan`` is ``effml.runner.Plan``)."""
+    def prepare(self, ctx: RunContext, datamodule: Any) -> None:
+        """Check the run before any file is written; keep from ``ctx`` what the method needs."""
 
     def begin_stage(self, stage: Stage, task: L.LightningModule) -> None:
         """Called before every stage's fit (also stages other compressors own)."""
@@ -137,3 +231,23 @@ class Compressor(L.Callback):
 
     def report(self) -> dict[str, Any]:
         return {}
+
+
+class StructuredCompressor(Compressor):
+    """A method that removes heads and neurons physically: its effect is a model of fewer FLOPs."""
+
+    owns = frozenset({"structure"})
+
+    @classmethod
+    def effect(cls, name: str, metrics: dict[str, Any]) -> str | None:
+        flops = metrics["flops"]
+        return None if flops["compressed"] < flops["dense"] else f"FLOPs not reduced: {flops}"
+
+
+def refuse_conflicts(names: list[str], classes: list[type[Compressor]]) -> None:
+    """Two compressors whose owned things conflict (``CONFLICTS``) cannot compose: one line."""
+    for i, (first, a) in enumerate(zip(names, classes, strict=True)):
+        for second, b in zip(names[i + 1:], classes[i + 1:], strict=True):
+            for x, y in sorted((x, y) for x in a.owns for y in b.owns if frozenset({x, y}) in CONFLICTS):
+                raise EffmlError(f"compressors {first} and {second} cannot compose: {first} {OWNED[x]} and "
+                                 f"{second} {OWNED[y]}; use one of them")

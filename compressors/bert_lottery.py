@@ -74,9 +74,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from effml.compressors.base import Compressor, CompressorConfig, Stage
+from effml.compressors._masks import make_permanent, set_mask
+from effml.compressors.base import (
+    CompressorConfig,
+    RunContext,
+    Smoke,
+    Stage,
+    StructuredCompressor,
+)
 from effml.compressors.imp import keep_largest, restore, snapshot
-from effml.compressors.magnitude import make_permanent, set_mask
 from effml.errors import EffmlError
 from effml.models import bert_surgery as surgery
 from effml.registry import COMPRESSORS
@@ -254,8 +260,10 @@ def heads_mask(heads: list[tuple[int, int]], shape: tuple[int, int]) -> Tensor:
 
 
 @COMPRESSORS.register("bert_lottery", BertLotteryConfig)
-class BertLottery(Compressor):
+class BertLottery(StructuredCompressor):
     """Good, random and bad BERT subnetworks by S- or M-pruning, re-fine-tuned (Prasanna et al. 2020)."""
+
+    smoke = Smoke(("bert",), ("search_batches=1", "max_steps=2"))
 
     def __init__(self, cfg: BertLotteryConfig):
         super().__init__(cfg)
@@ -297,16 +305,16 @@ class BertLottery(Compressor):
         self.model = model
         return model
 
-    def prepare(self, plan, datamodule) -> None:
-        self.datamodule, self.hardware = datamodule, plan.typed["hardware"]
-        self.export_dir = plan.run_dir / "model"
+    def prepare(self, ctx: RunContext, datamodule) -> None:
+        self.datamodule, self.hardware = datamodule, ctx.hardware
+        self.export_dir = ctx.run_dir / "model"
         if getattr(datamodule.info, "modality", None) != "text":
             raise EffmlError(f"compressor {self.name} needs text data (e.g. data=rotten_tomatoes)")
 
     def end_stage(self, stage: Stage, record: dict) -> dict | None:
         if stage.owner != self.name:
             return None
-        if stage.name == "finetune":
+        if stage.key == "finetune":
             self.full = {"val_acc": record["val_acc"], "test_acc": record["test_acc"]}
             if self.search is None:
                 self.run_search()
@@ -315,7 +323,7 @@ class BertLottery(Compressor):
         return {"subnetwork": self.cfg.subnetwork, **self._sizes(self.chosen)}
 
     def begin_stage(self, stage: Stage, task) -> None:
-        if stage.owner == self.name and stage.name == "retrain" and not self.applied:
+        if stage.of(self.name, "retrain") and not self.applied:
             self._apply(task.model)
 
     def state_dict(self) -> dict:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from effml.compressors._distill import DistillConfig, Distiller, soft_kl, without_labels
+from effml.compressors.base import RunContext, Smoke
 from effml.errors import EffmlError
 from effml.models.vit import INFERENCE, fuse
 from effml.registry import COMPRESSORS
@@ -85,6 +86,13 @@ def distillation_loss(student: Tensor, teacher: Tensor, cfg: DeiTConfig) -> Tens
 class DeiT(Distiller):
     """DeiT (Touvron et al., ICML 2021): a distillation token learns from the teacher, hard or soft."""
 
+    smoke = Smoke(("vit",), ("teacher.model={name:lenet_300_100,hidden:[256,128]}",))
+    owns = frozenset({"modules"})
+
+    @classmethod
+    def effect(cls, name: str, metrics: dict) -> str | None:
+        return super().effect(name, metrics) or (None if metrics["compressors"][name]["heads"] else "no head measured")
+
     def __init__(self, cfg: DeiTConfig):
         super().__init__(cfg)
         self.tap: FeatureTap | None = None
@@ -110,11 +118,11 @@ class DeiT(Distiller):
         self.tap = FeatureTap(model, ["head_dist"], "the student")
         return model
 
-    def prepare(self, plan, datamodule) -> None:
-        super().prepare(plan, datamodule)
+    def prepare(self, ctx: RunContext, datamodule) -> None:
+        super().prepare(ctx, datamodule)
         self.datamodule = datamodule
-        self.device = "cuda" if plan.typed["hardware"].accelerator == "gpu" and torch.cuda.is_available() else "cpu"
-        self.test_batches = plan.typed["trainer"].limit_test_batches
+        self.device = ctx.device.type
+        self.test_batches = ctx.trainer.limit_test_batches
 
     def finalize(self, model: nn.Module, hardware: Any) -> nn.Module:
         if self.tap is not None:  # the hook goes; the token and its head stay (they are the DeiT model)

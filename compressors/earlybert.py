@@ -37,7 +37,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from effml.compressors.base import Compressor, CompressorConfig, Stage
+from effml.compressors.base import (
+    CompressorConfig,
+    RunContext,
+    Smoke,
+    Stage,
+    StructuredCompressor,
+)
 from effml.errors import EffmlError
 from effml.models import bert_surgery as surgery
 from effml.registry import COMPRESSORS
@@ -94,8 +100,10 @@ class Ticket:
 
 
 @COMPRESSORS.register("earlybert", EarlyBERTConfig)
-class EarlyBERT(Compressor):
+class EarlyBERT(StructuredCompressor):
     """Search slimming coefficients, draw a structured ticket early, train it physically smaller."""
+
+    smoke = Smoke(("bert",))
 
     def __init__(self, cfg: EarlyBERTConfig):
         super().__init__(cfg)
@@ -126,10 +134,10 @@ class EarlyBERT(Compressor):
         self.model = model
         return model
 
-    def prepare(self, plan, datamodule) -> None:
-        self.channel_multiple = plan.typed["hardware"].channel_multiple
-        self.export_dir = plan.run_dir / "model"
-        self.model_cfg = plan.typed["model"]
+    def prepare(self, ctx: RunContext, datamodule) -> None:
+        self.channel_multiple = ctx.hardware.channel_multiple
+        self.export_dir = ctx.run_dir / "model"
+        self.model_cfg = ctx.model
 
     def loss(self, task, batch: dict, logits: Tensor) -> Tensor | None:
         if self.gates is None or not self.gates.handles:
@@ -149,12 +157,12 @@ class EarlyBERT(Compressor):
             trainer.should_stop = True
 
     def begin_stage(self, stage: Stage, task) -> None:
-        if stage.owner == self.name and stage.name == "ticket" and self.ticket is None:
+        if stage.of(self.name, "ticket") and self.ticket is None:
             self.ticket = self._draw()
             self._make_ticket(task.model)
 
     def end_stage(self, stage: Stage, record: dict) -> dict | None:
-        if stage.owner != self.name or stage.name != "search":
+        if not stage.of(self.name, "search"):
             return None
         return {"early_bird_step": self.stop_step, "checks": len(self.search)}
 

@@ -43,8 +43,8 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from effml.compressors.base import Compressor, CompressorConfig, Stage
-from effml.compressors.magnitude import LAYER_TYPES, make_permanent, mask_layers, matches, set_mask
+from effml.compressors._masks import LAYER_TYPES, make_permanent, mask_layers, matches, set_mask
+from effml.compressors.base import Compressor, CompressorConfig, RunContext, Smoke, Stage
 from effml.errors import EffmlError
 from effml.registry import COMPRESSORS
 
@@ -153,6 +153,17 @@ def shuffled_like(mask: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 class IterativeMagnitudePruning(Compressor):
     """Lottery tickets: iterative magnitude pruning with rewinding (Frankle & Carbin 2019)."""
 
+    smoke = Smoke(("mlp", "resnet", "vit", "bert"), ("levels=2", "level_epochs=1"))
+    owns = frozenset({"masks"})
+
+    @classmethod
+    def effect(cls, name: str, metrics: dict) -> str | None:
+        report = metrics["compressors"][name]
+        levels = [s for s in metrics["stages"] if s["owner"] == name]
+        if len(levels) != len(report["levels"]) or not report["achieved_sparsity"] > 0:
+            return f"{len(levels)} level stages for {len(report['levels'])} levels, sparsity {report['achieved_sparsity']}"
+        return None
+
     def __init__(self, cfg: IMPConfig):
         super().__init__(cfg)
         self.layers: dict[str, nn.Module] = {}
@@ -187,21 +198,21 @@ class IterativeMagnitudePruning(Compressor):
             self.rewind_weights = self.initial_weights
         return model
 
-    def prepare(self, plan, datamodule) -> None:
-        level0_epochs = self.cfg.level_epochs or plan.typed["trainer"].max_epochs
+    def prepare(self, ctx: RunContext, datamodule) -> None:
+        level0_epochs = self.cfg.level_epochs or ctx.trainer.max_epochs
         if self.rewind_unit == "epoch" and self.rewind_at > level0_epochs:
             raise EffmlError(f"compressor.rewind={self.cfg.rewind} is beyond level 0's {level0_epochs} epochs")
         if self.rewind_unit == "step":
-            steps = level0_epochs * train_batches(datamodule, plan.typed["trainer"].limit_train_batches)
+            steps = level0_epochs * train_batches(datamodule, ctx.trainer.limit_train_batches)
             if self.rewind_at > steps:
                 raise EffmlError(f"compressor.rewind={self.cfg.rewind} is beyond level 0's {steps} steps")
         if self.cfg.uses_source:
-            self.source = self._find_source(plan)
+            self.source = self._find_source(ctx)
 
     def begin_stage(self, stage: Stage, task) -> None:
         if stage.owner != self.name:
             return
-        level = int(stage.name.rsplit("_", 1)[1])
+        level = int(stage.key.removeprefix("level_"))
         before = self.masks()
         if level > 0:
             for module, mask in zip(self.layers.values(), self._next_masks(level), strict=True):
@@ -370,17 +381,17 @@ class IterativeMagnitudePruning(Compressor):
             return self.cfg.conv_fraction
         return self.cfg.prune_fraction
 
-    def _find_source(self, plan) -> Path:
+    def _find_source(self, ctx: RunContext) -> Path:
         """The run whose masks this run reuses; every level it needs must be finished there."""
         from effml import identity
 
-        seed, root = plan.cfg.seed, Path(plan.cfg.output_root)
+        seed, root = ctx.seed, Path(ctx.output_root)
         if self.cfg.ticket_from is not None:
             source = resolve_run(self.cfg.ticket_from, root, seed)
             what = f"compressor.ticket_from={self.cfg.ticket_from}"
         else:
-            base = dict(plan.typed, compressor=dataclasses.replace(self.cfg, control="none"))
-            source = identity.run_dir(root, plan.name, base, seed)
+            base = dict(ctx.sections, compressor=dataclasses.replace(self.cfg, control="none"))
+            source = identity.run_dir(root, ctx.name, base, seed)
             what = f"compressor.control={self.cfg.control} needs its base run (the same config with control=none)"
         missing = [k for k in self.level_numbers()[1:] if level_end(source, k) is None]
         if missing:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from effml.compressors._distill import DistillConfig, Distiller, soft_kl
+from effml.compressors.base import Smoke
 from effml.errors import EffmlError
 from effml.registry import COMPRESSORS
 
@@ -38,6 +39,8 @@ class KDConfig(DistillConfig):
 @COMPRESSORS.register("kd", KDConfig)
 class KnowledgeDistillation(Distiller):
     """Soft-target knowledge distillation (Hinton et al. 2015): (1 − α)·CE + α·T²·KL(teacher ‖ student)."""
+
+    smoke = Smoke(("mlp", "resnet", "vit"), ("teacher.model={name:lenet_300_100,hidden:[256,128]}",))
 
     @property
     def hard_loss_weight(self) -> float:

@@ -19,17 +19,14 @@ travel in the model's state_dict, i.e. in every checkpoint. ``finalize`` makes t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
-from effml.compressors.base import Compressor, CompressorConfig, Stage
+from effml.compressors._masks import LAYER_TYPES, make_permanent, mask_layers, set_mask
+from effml.compressors.base import Compressor, CompressorConfig, Smoke, Stage
 from effml.errors import EffmlError
 from effml.registry import COMPRESSORS
-
-LAYER_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d}
 
 
 @dataclass
@@ -69,39 +66,6 @@ class MagnitudeConfig(CompressorConfig):
             raise EffmlError(f"compressor.layer_types: unknown {sorted(unknown)}; choose from {sorted(LAYER_TYPES)}")
 
 
-def matches(name: str, patterns: list[str]) -> bool:
-    """Does a module's qualified name match one of the patterns (also as the last part of the name)?"""
-    return any(fnmatch(name, p) or fnmatch(name, f"*.{p}") for p in patterns)
-
-
-def mask_layers(model: nn.Module, layer_types: list[str], skip: list[str], method: str) -> dict[str, nn.Module]:
-    """Give every targeted layer an all-ones ``weight_mask`` (``torch.nn.utils.prune.identity``).
-
-    Done before any checkpoint is loaded, so the model's keys (``weight_orig``, ``weight_mask``)
-    match a resumed run's from the start."""
-    types = tuple(LAYER_TYPES[t] for t in layer_types)
-    layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, types) and not matches(name, skip):
-            prune.identity(module, "weight")
-            layers[name] = module
-    if not layers:
-        raise EffmlError(f"compressor {method} found no {layer_types} layers outside {skip}")
-    return layers
-
-
-@torch.no_grad()
-def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
-    module.weight_mask.copy_(mask)
-    module.weight = module.weight_orig * module.weight_mask  # refresh the cached product now
-
-
-def make_permanent(layers: dict[str, nn.Module]) -> None:
-    for module in layers.values():
-        if prune.is_pruned(module):
-            prune.remove(module, "weight")
-
-
 def cubic_sparsity(step: int, t0: int, t_end: int, s_i: float, s_f: float) -> float:
     """Zhu & Gupta's schedule: s_i before t0, s_f after t_end, cubic in between."""
     if step <= t0:
@@ -126,6 +90,16 @@ def keep_masks(weights: list[torch.Tensor], sparsity: float, scope: str) -> list
 class MagnitudePruning(Compressor):
     """Unstructured magnitude pruning: layerwise or global, one-shot or gradual (Zhu & Gupta 2017)."""
 
+    smoke = Smoke(("mlp", "resnet", "vit", "bert"))
+    owns = frozenset({"masks"})
+
+    @classmethod
+    def effect(cls, name: str, metrics: dict) -> str | None:
+        report = metrics["compressors"][name]
+        if abs(report["achieved_sparsity"] - report["target_sparsity"]) > 0.01:
+            return f"sparsity {report['achieved_sparsity']:.3f}, not the target {report['target_sparsity']}"
+        return None
+
     def __init__(self, cfg: MagnitudeConfig):
         super().__init__(cfg)
         self.layers: dict[str, nn.Module] = {}
@@ -144,7 +118,7 @@ class MagnitudePruning(Compressor):
         return model
 
     def begin_stage(self, stage: Stage, task) -> None:
-        if self.cfg.schedule == "oneshot" and stage.name == "finetune" and stage.owner == self.name:
+        if self.cfg.schedule == "oneshot" and stage.of(self.name, "finetune"):
             self.prune_to(self.cfg.sparsity)
 
     def on_train_start(self, trainer, pl_module) -> None:

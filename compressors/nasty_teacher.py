@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from effml.compressors._distill import DistillConfig, Distiller, without_labels
+from effml.compressors.base import RunContext, Smoke
 from effml.errors import EffmlError
 from effml.registry import COMPRESSORS
 
@@ -73,13 +74,21 @@ def soft_stats(nasty_logits: Tensor, adversary_logits: Tensor, temperature: floa
 class NastyTeacher(Distiller):
     """Ma et al. 2021: CE − ω·τ²·KL(nasty ‖ adversary); the adversary is ``compressor.teacher``."""
 
+    smoke = Smoke(("mlp", "resnet", "vit"), ("teacher.model={name:lenet_300_100,hidden:[256,128]}",))
+
+    @classmethod
+    def effect(cls, name: str, metrics: dict) -> str | None:
+        if metrics["compressors"][name].get("kl_to_adversary") is None:
+            return "no KL to the adversary was measured"
+        return super().effect(name, metrics)
+
     def __init__(self, cfg: NastyTeacherConfig):
         super().__init__(cfg)
         self.datamodule = None
         self.stats: dict[str, float] = {}
 
-    def prepare(self, plan, datamodule) -> None:
-        super().prepare(plan, datamodule)
+    def prepare(self, ctx: RunContext, datamodule) -> None:
+        super().prepare(ctx, datamodule)
         self.datamodule = datamodule
 
     def loss(self, task, batch: dict, logits: Tensor) -> Tensor | None:

@@ -41,16 +41,16 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from effml.compressors.base import Compressor, CompressorConfig, Stage
-from effml.compressors.magnitude import LAYER_TYPES, make_permanent, matches, set_mask
+from effml.compressors._masks import LAYER_TYPES, make_permanent, matches, set_mask
+from effml.compressors.base import Compressor, CompressorConfig, RunContext, Smoke, Stage
 from effml.errors import EffmlError
 from effml.kernels.library import kernel
+from effml.kernels.names import SPARSE_2TO4
 from effml.kernels.select import Decision, convert_linears, hardware_device, precision_dtype
 from effml.registry import COMPRESSORS
 from effml.teachers import TrainedWeightsConfig, load_weights, trained_state
@@ -58,7 +58,6 @@ from effml.teachers import TrainedWeightsConfig, load_weights, trained_state
 log = logging.getLogger("effml")
 
 BY_PATTERN = "matches compressor.skip"
-SPARSE_KERNELS = ["sparse_2to4", "sparse_2to4_cutlass"]  # best first; hardware.kernels says which may run
 WHO = "dense model"  # how errors about the weights source name it
 
 
@@ -185,6 +184,14 @@ def save_semi_structured_dense(module: nn.Module, state_dict: dict, prefix: str,
 class NMSparsity(Compressor):
     """N:M structured sparsity (2:4 default): ASP one-shot prune + retrain (Mishra et al. 2021), or gradual."""
 
+    smoke = Smoke(("mlp", "vit", "bert"))
+    owns = frozenset({"masks"})
+
+    @classmethod
+    def effect(cls, name: str, metrics: dict) -> str | None:
+        report = metrics["compressors"][name]
+        return None if report["verified_nm"] else f"the {report['pattern']} pattern does not hold in the weights"
+
     def __init__(self, cfg: NMConfig):
         super().__init__(cfg)
         self.model: nn.Module | None = None
@@ -194,7 +201,6 @@ class NMSparsity(Compressor):
         self.events = 0
         self.dense_test_acc: float | None = None
         self.example_inputs: dict | None = None  # what convert_linears times the layers on
-        self.kernel_decisions: list[dict[str, Any]] = []
         self._gradual_here = False
         self._window = (0, 0)  # gradual: (t0, t_end) in optimizer steps of the stage
         self._counts = {"prunable": 0, "params": 0}
@@ -232,20 +238,20 @@ class NMSparsity(Compressor):
             log.info("nm_sparsity %s leaves dense: %s", self.pattern, "; ".join(f"{k} ({v})" for k, v in unexpected.items()))
         return model
 
-    def prepare(self, plan, datamodule) -> None:
-        self.example_inputs = datamodule.example_inputs(plan.typed["measure"].batch_size)
-        self.check_forced_kernel(plan.typed["hardware"])
+    def prepare(self, ctx: RunContext, datamodule) -> None:
+        self.example_inputs = datamodule.example_inputs(ctx.measure.batch_size)
+        self.check_forced_kernel(ctx.hardware)
         if self.cfg.weights.source != "none":
-            self.load_dense_weights(plan, datamodule)
+            self.load_dense_weights(ctx, datamodule)
 
     def begin_stage(self, stage: Stage, task) -> None:
         own = stage.owner == self.name
         self._gradual_here = own and self.cfg.schedule == "gradual"
-        if own and self.cfg.schedule == "oneshot" and stage.name.endswith("retrain"):
+        if own and self.cfg.schedule == "oneshot" and stage.key == "retrain":
             self.prune_to(self.cfg.n)  # from the trained dense weights; a resumed stage computes the same masks
 
     def end_stage(self, stage: Stage, record: dict) -> dict | None:
-        if stage.owner == self.name and stage.name.endswith("dense"):
+        if stage.of(self.name, "dense"):
             self.dense_test_acc = record["test_acc"]
         return {"nm_n": self.current_n} if stage.owner == self.name else None
 
@@ -334,7 +340,7 @@ class NMSparsity(Compressor):
         """One decision per N:M layer: measured for 2:4 Linear layers, accuracy-only for the rest."""
         measured = {}
         if self.runs_on_sparse_kernels and self.linears():
-            wanted = {name: SPARSE_KERNELS for name in self.linears()}
+            wanted = {name: list(SPARSE_2TO4) for name in self.linears()}
             measured = {d.layer: d for d in convert_linears(model, wanted, self.example_inputs, hardware)}
         return [measured.get(name) or Decision(name, "dense", self.why_dense(module), f"w{list(module.weight.shape)}")
                 for name, module in self.layers.items()]
@@ -358,7 +364,7 @@ class NMSparsity(Compressor):
         rather than after training (the same check ``convert_linears`` makes in ``finalize``)."""
         if hardware.selection != "force" or not self.runs_on_sparse_kernels:
             return
-        device, dtype, name = hardware_device(hardware), precision_dtype(hardware.precision), SPARSE_KERNELS[0]
+        device, dtype, name = hardware_device(hardware), precision_dtype(hardware.precision), SPARSE_2TO4[0]
         for path, module in self.linears().items():
             w = effective_weight(module)
             probe = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
@@ -367,9 +373,9 @@ class NMSparsity(Compressor):
             if why_not:
                 raise EffmlError(f"hardware.selection=force: kernel {name} cannot run for {path}: {why_not}")
 
-    def load_dense_weights(self, plan, datamodule) -> None:
+    def load_dense_weights(self, ctx: RunContext, datamodule) -> None:
         """The trained dense model's weights into this run's (still unmasked) layers."""
-        state, where, run_dir = trained_state(self.cfg.weights, plan.cfg.output_root, plan.cfg.seed,
+        state, where, run_dir = trained_state(self.cfg.weights, ctx.output_root, ctx.seed,
                                               datamodule.info, WHO)
         self.dense_test_acc = finished_test_acc(run_dir) if run_dir else None
         for name, module in self.layers.items():  # the plain model's keys → this run's masked ones

@@ -32,7 +32,7 @@ from effml.compressors._quant import (
     quantizable,
     wrap,
 )
-from effml.compressors.base import Stage
+from effml.compressors.base import Smoke, Stage
 from effml.errors import EffmlError
 from effml.kernels.select import hardware_device
 from effml.registry import COMPRESSORS
@@ -55,6 +55,8 @@ class PTQConfig(QuantConfig):
 @COMPRESSORS.register("ptq", PTQConfig)
 class PostTrainingQuantization(Quantizer):
     """Post-training quantization: per-channel weights, inputs calibrated on N batches, real kernels where faster."""
+
+    smoke = Smoke(("mlp", "vit", "bert"))
 
     def __init__(self, cfg: PTQConfig):
         super().__init__(cfg)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from effml.compressors._quant import ActivationQuantizer, QuantConfig, Quantizer, check_observer, wrap
-from effml.compressors.base import Stage
+from effml.compressors.base import Smoke, Stage
 from effml.errors import EffmlError
 from effml.registry import COMPRESSORS
 
@@ -49,6 +49,9 @@ class QATConfig(QuantConfig):
 @COMPRESSORS.register("qat", QATConfig)
 class QuantizationAwareTraining(Quantizer):
     """Quantization-aware training (Jacob et al. 2018): fake quantization with a straight-through estimator."""
+
+    smoke = Smoke(("mlp", "vit", "bert"))
+    owns = frozenset({"quantization", "training quantization"})
 
     def stages(self) -> list[Stage]:
         return [Stage("train", owner=self.name, role="plain")]

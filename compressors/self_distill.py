@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from effml.compressors.base import Compressor, CompressorConfig
+from effml.compressors.base import Compressor, CompressorConfig, RunContext, Smoke
 from effml.errors import EffmlError
 from effml.registry import COMPRESSORS
 from effml.teachers import FeatureTap
@@ -317,6 +317,13 @@ def autocast_dtype(hardware: Any, device: torch.device) -> torch.dtype | None:
 class SelfDistillation(Compressor):
     """Shallow classifiers at several depths learn from the deepest (Zhang et al., ICCV 2019 / TPAMI 2022)."""
 
+    smoke = Smoke(("resnet",))  # exits after layer1/2
+    owns = frozenset({"modules"})
+
+    @classmethod
+    def effect(cls, name: str, metrics: dict) -> str | None:
+        return None if "dynamic" in metrics["compressors"][name] else "the exits were never measured"
+
     def __init__(self, cfg: SelfDistillConfig):
         super().__init__(cfg)
         self.model: nn.Module | None = None
@@ -360,9 +367,9 @@ class SelfDistillation(Compressor):
     def _capture_final(self, module, args) -> None:
         self.final_feature = args[0]
 
-    def prepare(self, plan, datamodule) -> None:
-        self.datamodule, self.run_dir = datamodule, plan.run_dir
-        self.trainer_cfg, self.seed = plan.typed["trainer"], plan.cfg.seed
+    def prepare(self, ctx: RunContext, datamodule) -> None:
+        self.datamodule, self.run_dir = datamodule, ctx.run_dir
+        self.trainer_cfg, self.seed = ctx.trainer, ctx.seed
         self.check_order(datamodule.example_inputs(2))
 
     def check_order(self, inputs: dict[str, Tensor]) -> None:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from effml.compressors._distill import DistillConfig, Distiller, soft_kl
+from effml.compressors.base import Smoke
 from effml.errors import EffmlError
 from effml.registry import COMPRESSORS
 from effml.teachers import FeatureTap, find_module
@@ -123,6 +124,15 @@ def aux_key(path: str) -> str:
 @COMPRESSORS.register("skeptical", SkepticalConfig)
 class SkepticalStudent(Distiller):
     """Kundu et al. 2021: teacher → shallow AC, final classifier → every AC, CE on the final classifier."""
+
+    smoke = Smoke(("resnet",), ("teacher.model={name:lenet_300_100,hidden:[256,128]}",))  # auxiliary classifiers after layer1/2
+    owns = frozenset({"modules"})
+
+    @classmethod
+    def effect(cls, name: str, metrics: dict) -> str | None:
+        if metrics["compressors"][name].get("aux_val_acc") is None:
+            return "the auxiliary classifier was never evaluated"
+        return super().effect(name, metrics)
 
     def __init__(self, cfg: SkepticalConfig):
         super().__init__(cfg)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from effml.compressors._distill import DistillConfig, Distiller, without_labels
-from effml.compressors.base import Stage
+from effml.compressors.base import RunContext, Smoke, Stage
 from effml.errors import EffmlError
 from effml.registry import COMPRESSORS
 from effml.teachers import FeatureTap, Teacher, TeacherConfig, build_teacher
@@ -212,6 +212,19 @@ def width_of(bert: nn.Module) -> int:
 class TinyBERT(Distiller):
     """TinyBERT (Jiao et al. 2020): embedding, hidden-state and attention MSE through g(m), then soft CE."""
 
+    # the smoke setup's 2-layer, 32-wide random BERT learns from a 4-layer, 64-wide one (W_h 32→64)
+    smoke = Smoke(("bert",), (
+        "teacher={source:stage,epochs:1,model:{name:bert,pretrained:null,hf_config:{hidden_size:64,"
+        "num_hidden_layers:4,num_attention_heads:4,intermediate_size:128}}}",
+        "intermediate_epochs=1", "prediction_epochs=1"))
+    owns = frozenset({"modules"})  # the projections W_h, trained with the student and removed
+
+    @classmethod
+    def effect(cls, name: str, metrics: dict) -> str | None:
+        if not any("tinybert_losses" in s for s in metrics["stages"]):
+            return "no stage recorded TinyBERT's losses"
+        return super().effect(name, metrics)
+
     def __init__(self, cfg: TinyBERTConfig):
         super().__init__(cfg)
         self.needs_teacher_logits = cfg.prediction_epochs > 0  # intermediate-only runs need features only
@@ -235,8 +248,7 @@ class TinyBERT(Distiller):
     def stage_mode(self, stage: Stage) -> str | None:
         if stage.owner != self.name:  # another compressor's stage: all of TinyBERT's task losses
             return None if stage.role == "prepare" else "all"
-        name = stage.name.removeprefix(f"{self.name}_")  # the runner prefixes names that collide
-        return name if name in ("general", "intermediate", "prediction") else None
+        return stage.key if stage.key in ("general", "intermediate", "prediction") else None
 
     @property
     def hard_loss_weight(self) -> float:
@@ -248,18 +260,18 @@ class TinyBERT(Distiller):
         self.student_model = model
         return model
 
-    def prepare(self, plan, datamodule) -> None:
+    def prepare(self, ctx: RunContext, datamodule) -> None:
         """Both teachers, then the structural checks (``bind``) before the teacher first runs on the data."""
-        self.teacher_module = self.build(self.cfg.teacher, "teacher", plan, datamodule)
+        self.teacher_module = self.build(self.cfg.teacher, "teacher", ctx, datamodule)
         if self.cfg.general_epochs:
-            self.general_module = self.build(self.cfg.general_teacher, "general_teacher", plan, datamodule)
+            self.general_module = self.build(self.cfg.general_teacher, "general_teacher", ctx, datamodule)
         self.bind(self.student_model, self.teacher_module, self.general_module)
         self.use_teacher(datamodule, without_logits=", or compressor.prediction_epochs=0 (features only)")
 
     @staticmethod
-    def build(cfg: TeacherConfig, kind: str, plan, datamodule) -> nn.Module:
+    def build(cfg: TeacherConfig, kind: str, ctx: RunContext, datamodule) -> nn.Module:
         try:
-            return build_teacher(cfg, datamodule, plan.cfg.output_root, plan.cfg.seed)
+            return build_teacher(cfg, datamodule, ctx.output_root, ctx.seed)
         except EffmlError as err:  # effml.teachers names compressor.teacher in its messages
             raise EffmlError(str(err).replace("compressor.teacher", f"compressor.{kind}")) from None
 

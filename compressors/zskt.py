@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from effml.compressors._distill import DistillConfig, Distiller
+from effml.compressors.base import RunContext, Smoke
 from effml.errors import EffmlError
 from effml.registry import COMPRESSORS
 from effml.teachers import FeatureTap, find_module
@@ -150,6 +151,16 @@ class PlaceholderBatches(Dataset):
 class ZeroShotKT(Distiller):
     """Zero-shot KT (Micaelli & Storkey 2019): an adversarial generator replaces the data; KL + β·AT."""
 
+    # data-free: MLPs learn fastest; attention transfer is tested in tests/test_zskt.py
+    smoke = Smoke(("mlp", "resnet", "vit"), ("teacher.model={name:lenet_300_100,hidden:[256,128]}", "beta=0", "student_steps=1", "iterations_per_epoch=40", "batch_size=64"))
+    owns = frozenset({"training data"})
+
+    @classmethod
+    def effect(cls, name: str, metrics: dict) -> str | None:
+        if not metrics["compressors"][name]["generator_updates"]:
+            return "the generator was never updated"
+        return super().effect(name, metrics)
+
     def __init__(self, cfg: ZSKTConfig):
         super().__init__(cfg)
         self.generator: Generator | None = None
@@ -169,12 +180,12 @@ class ZeroShotKT(Distiller):
         self.student_module = model
         return model
 
-    def prepare(self, plan, datamodule) -> None:
-        super().prepare(plan, datamodule)
+    def prepare(self, ctx: RunContext, datamodule) -> None:
+        super().prepare(ctx, datamodule)
         shape = datamodule.info.input_shape
         if datamodule.info.modality != "image" or not shape or len(shape) != 3:
-            raise EffmlError(f"zskt generates images; data {plan.cfg.data.name} is {datamodule.info.modality}")
-        self.rng.manual_seed(int(plan.cfg.seed))
+            raise EffmlError(f"zskt generates images; data {ctx.data.name} is {datamodule.info.modality}")
+        self.rng.manual_seed(int(ctx.seed))
         self.generator = Generator(self.cfg.z_dim, tuple(shape), self.cfg.generator_width)
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.cfg.generator_lr)
         self.check_attention_layers(datamodule)

@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from effml.errors import EffmlError
+from effml.kernels.names import KERNELS  # the alternatives a target may allow (effml.kernels.library)
 
 NOT_HASHED = {"hash": False}
 
@@ -68,9 +69,6 @@ class TrainerConfig:
 
 
 SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
-# Alternatives to a dense layer that `finalize` may put in place (effml.kernels.library); each is kept
-# only where it runs on this device and, under selection=measure, only where it is measured faster.
-KERNELS = ("fp8_rowwise", "fp8_dynamic", "int8_dynamic", "int8_weight_only", "int4_weight_only", "sparse_2to4", "sparse_2to4_cutlass")
 SELECTION = ("measure", "force", "off")
 
 
@@ -188,10 +186,12 @@ def recipe_files() -> dict[str, Path]:
 
 def register_schemas() -> None:
     """Put every schema and recipe into Hydra's ConfigStore (idempotent)."""
-    from effml.registry import load_plugins
+    from effml.registry import COMPRESSORS, DATASETS, MODELS
 
-    load_plugins()  # model/data/compressor schemas register themselves
     store = ConfigStore.instance()
+    for registry in (MODELS, DATASETS, COMPRESSORS):  # entries() imports every plug-in first
+        for entry in registry.entries():
+            store.store(group=f"schema/{registry.kind}", name=entry.name, node=entry.config)
     store.store(name="effml_schema", node=Config)
     for group, schema in CORE_SCHEMAS.items():
         store.store(group=f"schema/{group}", name="base", node=schema)

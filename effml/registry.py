@@ -1,8 +1,10 @@
 """Registries of models, datasets and compressors.
 
-Every plug-in registers itself with a typed config dataclass. The registry also stores that
-dataclass in Hydra's ConfigStore (group ``schema/<kind>``), so the YAML presets in ``conf/<kind>/``
-are validated against it at composition time: a typo or a wrong type fails before any work.
+Every plug-in registers itself with a typed config dataclass. ``effml.config.register_schemas`` puts
+those dataclasses into Hydra's ConfigStore (group ``schema/<kind>``), so the YAML presets in
+``conf/<kind>/`` are validated against them at composition time: a typo or a wrong type fails before
+any work. The registries themselves do not import Hydra, so a model or a compressor can be used
+from code where Hydra is not installed (a GPU node running a benchmark).
 
 Lookups import every plug-in module first (``load_plugins``), so nothing depends on an import
 having happened somewhere else.
@@ -15,8 +17,6 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 from typing import Any
-
-from hydra.core.config_store import ConfigStore
 
 from effml.errors import EffmlError
 
@@ -55,7 +55,6 @@ class Registry:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
             summary = description or next(iter((target.__doc__ or "").strip().splitlines()), "")
             self._entries[name] = Entry(name, target, config, summary)
-            ConfigStore.instance().store(group=f"schema/{self.kind}", name=name, node=config)
             return target
 
         return wrap

@@ -23,6 +23,7 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import lightning as L
@@ -34,7 +35,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig, OmegaConf
 
 from effml import identity, measure, report
-from effml.compressors.base import Compressor, Stage
+from effml.compressors.base import Compressor, RunContext, Stage, refuse_conflicts
 from effml.config import to_typed
 from effml.errors import EffmlError
 from effml.kernels import fp8_training, select
@@ -60,10 +61,18 @@ class Plan:
     def name(self) -> str:
         return self.cfg.name
 
+    def context(self) -> RunContext:
+        t = self.typed
+        return RunContext(name=self.name, seed=int(self.cfg.seed), run_dir=self.run_dir,
+                          output_root=Path(self.cfg.output_root), hardware=t["hardware"], model=t["model"],
+                          data=t["data"], trainer=t["trainer"], measure=t["measure"],
+                          sections=MappingProxyType(dict(t)))
+
 
 def plan(cfg: DictConfig, group: str | None = None) -> Plan:
     """Validate the composed config and decide where the run lives; writes nothing."""
     typed = to_typed(cfg)
+    composed_configs(typed)  # a pair that cannot compose is refused here, before anything is written
     typed["hardware"] = hw.resolve(typed["hardware"])
     return Plan(cfg, typed, identity.run_dir(cfg.output_root, cfg.name, typed, cfg.seed), group)
 
@@ -109,20 +118,27 @@ def build(p: Plan) -> Built:
     if t["hardware"].fp8_training:  # before any checkpoint loads: Float8Linear keeps the weights' names
         batch = datamodule.example_inputs(t["data"].batch_size)
         p.training_kernels = [d.as_dict() for d in fp8_training.apply(model, t["hardware"], batch)]
+    context = p.context()
     for compressor in compressors:
-        compressor.prepare(p, datamodule)
+        compressor.prepare(context, datamodule)
     return Built(datamodule, ClassificationTask(model, t["trainer"], compressors), compressors, dense_reference)
 
 
-def make_compressors(typed: dict) -> list[Compressor]:
-    """``compressor`` and then every ``compose`` entry, in order; each name at most once."""
+def composed_configs(typed: dict) -> list[Any]:
+    """``compressor`` and then every ``compose`` entry, in order: each name at most once, and no two
+    whose owned things conflict (``Compressor.owns``, ``compressors.base.CONFLICTS``)."""
     configs = [typed["compressor"], *typed.get("compose", {}).values()]
     configs = [c for c in configs if c.name != "none" or len(configs) == 1]
     names = [c.name for c in configs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise EffmlError(f"compressor {twice[0]} appears twice (in compressor and compose); use it once")
-    return [COMPRESSORS.get(c.name).target(c) for c in configs]
+    refuse_conflicts(names, [COMPRESSORS.get(name).target for name in names])
+    return configs
+
+
+def make_compressors(typed: dict) -> list[Compressor]:
+    return [COMPRESSORS.get(c.name).target(c) for c in composed_configs(typed)]
 
 
 def execute(p: Plan, b: Built) -> dict:
@@ -164,7 +180,7 @@ def kernel_record(p: Plan, compressors: list[Compressor] = ()) -> dict[str, Any]
         record["attention"] = p.attention
     if p.training_kernels:
         record["training"] = p.training_kernels
-    layers = [d for c in compressors for d in getattr(c, "kernel_decisions", [])]
+    layers = [d for c in compressors for d in c.kernel_decisions]
     if layers:
         record["layers"] = layers
     return record
@@ -178,16 +194,18 @@ def stage_plan(compressors: list[Compressor]) -> list[Stage]:
     stages = [s for s in declared if s.role == "prepare"] + [s for s in declared if s.role == "train"]
     if not any(s.role == "train" for s in declared):
         plain = [s for s in declared if s.role == "plain"]
-        stages += [s for i, s in enumerate(plain) if s.name not in {q.name for q in plain[:i]}]
-    names = [s.name for s in stages]
-    if len(set(names)) != len(names):
-        stages = [dataclasses.replace(s, name=f"{s.owner}_{s.name}") for s in stages]
-    return stages
+        stages += [s for i, s in enumerate(plain) if s.key not in {q.key for q in plain[:i]}]
+    # Labels name directories: the key alone, or owner_key for all when two keys collide (the names
+    # run directories have always had). Keys stay as declared: compressors match on them.
+    keys = [s.key for s in stages]
+    if len(set(keys)) != len(keys):
+        return [dataclasses.replace(s, label=f"{s.owner}_{s.key}") for s in stages]
+    return [dataclasses.replace(s, label=s.key) for s in stages]
 
 
 def train_stages(p: Plan, task: ClassificationTask, datamodule, compressors) -> list[dict]:
     stages = stage_plan(compressors)
-    dirs = [p.run_dir / "stages" / f"{i:02d}_{s.name}" for i, s in enumerate(stages)]
+    dirs = [p.run_dir / "stages" / f"{i:02d}_{s.label}" for i, s in enumerate(stages)]
     finished = list(itertools.takewhile(lambda d: (d / "end.pt").exists(), dirs))
     records = [json.loads((d / "record.json").read_text()) for d in finished]
     if finished:  # resume: the state at the end of the last finished stage is all we need
@@ -207,8 +225,8 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: Path, task, datamodule, compress
     last = stage_dir / "checkpoints" / "last.ckpt"
     resume_from = last if last.exists() else None
     if resume_from:
-        check_loadable(resume_from, f"stage '{stage.name}'")
-        log.info("stage %s: resuming from %s", stage.name, resume_from)
+        check_loadable(resume_from, f"stage '{stage.label}'")
+        log.info("stage %s: resuming from %s", stage.label, resume_from)
     clock = ResumeState()
     task.lr_scale = stage.lr_scale
     active = [c for c in compressors if stage.role != "prepare" or c.name == stage.owner]
@@ -227,7 +245,7 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: Path, task, datamodule, compress
         writer.close()
         raise SystemExit(f"effml: interrupted; rerun the same command to resume from {last}")
     record = {
-        "name": stage.name,
+        "name": stage.label,
         "owner": stage.owner,
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,

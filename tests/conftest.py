@@ -95,3 +95,18 @@ def metrics_of(root: Path) -> dict:
     files = list(Path(root).rglob("metrics.json"))
     assert len(files) == 1, files
     return json.loads(files[0].read_text())
+
+
+def smoke_args(setup: str, names: list[str]) -> list[str]:
+    """``effml train`` arguments for a smoke run of ``names`` on ``setup``: the first is
+    ``compressor``, the others are composed beside it, each with its own smoke settings."""
+    from effml.compressors.smoke import SETUPS
+    from effml.registry import COMPRESSORS
+
+    first, *others = names
+    args = [*SETUPS[setup], f"compressor={first}"]
+    args += [f"compressor.{s}" for s in COMPRESSORS.get(first).target.smoke.settings]
+    for name in others:
+        args.append(f"+compressor@compose.{name}={name}")
+        args += [f"compose.{name}.{s}" for s in COMPRESSORS.get(name).target.smoke.settings]
+    return args

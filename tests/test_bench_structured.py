@@ -1,7 +1,8 @@
 """benchmarks/structured_bert.py: the structured-pruning GPU benchmark's code path, on CPU in seconds.
 
-The script runs on GPU machines without Hydra/OmegaConf/Lightning, so the CPU run here has them
-blocked; widths must be what ``bert_surgery.round_up`` says, FLOPs must fall, both files written.
+The script runs on GPU machines that have torch, transformers and Lightning but not Hydra, OmegaConf,
+datasets or wandb, so the CPU run here has those blocked; widths must be what
+``bert_surgery.round_up`` says, FLOPs must fall, both files written.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from conftest import REPO
 from effml.models import bert_surgery as surgery
 
 SCRIPT = REPO / "benchmarks" / "structured_bert.py"
-# run the script with the Hydra stack unimportable, as on the GPU machine
+# run the script with what the GPU machine lacks unimportable
 NO_HYDRA = (
     "import runpy, sys\n"
-    "for name in ('omegaconf', 'hydra', 'lightning', 'pytorch_lightning'):\n"
+    "for name in ('omegaconf', 'hydra', 'datasets', 'wandb'):\n"
     "    sys.modules[name] = None\n"
     "sys.argv = [sys.argv[1], *sys.argv[2:]]\n"
     "runpy.run_path(sys.argv[0], run_name='__main__')\n"

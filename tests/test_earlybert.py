@@ -95,8 +95,8 @@ def earlybert_on(model, channel_multiple: int = 1, **cfg) -> EarlyBERT:
     compressor = EarlyBERT(EarlyBERTConfig(**cfg))
     compressor.attach(model)
     hardware = SimpleNamespace(channel_multiple=channel_multiple)
-    typed = {"hardware": hardware, "model": BertClassifierConfig()}
-    compressor.prepare(SimpleNamespace(typed=typed, run_dir=Path("/nonexistent")), None)
+    compressor.prepare(SimpleNamespace(hardware=hardware, model=BertClassifierConfig(), run_dir=Path("/nonexistent")),
+                       None)
     return compressor
 
 
@@ -177,8 +177,8 @@ def test_the_official_schedule_trains_the_ticket_shorter_at_a_higher_lr(minilm):
     from effml.task import ClassificationTask
 
     search, ticket = EarlyBERT(EarlyBERTConfig(ticket_epochs=2, ticket_lr_scale=2.0)).stages()
-    assert (search.name, search.max_epochs, search.lr_scale) == ("search", 1, 1.0)
-    assert (ticket.name, ticket.max_epochs, ticket.lr_scale) == ("ticket", 2, 2.0)
+    assert (search.key, search.max_epochs, search.lr_scale) == ("search", 1, 1.0)
+    assert (ticket.key, ticket.max_epochs, ticket.lr_scale) == ("ticket", 2, 2.0)
     task = ClassificationTask(minilm, TrainerConfig(optimizer="adamw", lr=5e-5, lr_schedule="constant", warmup_fraction=0))
     task.lr_scale = ticket.lr_scale  # as the runner sets it per stage
     assert task.configure_optimizers().param_groups[0]["lr"] == 1e-4

@@ -78,7 +78,7 @@ def test_each_level_prunes_the_papers_rate_of_the_survivors_and_rewinds_them_to_
 
 def test_global_scope_ranks_all_hidden_layers_together_and_oneshot_prunes_at_once():
     imp, task = lenet_with_imp(levels=4, scope="global", oneshot=True, output_fraction=0.0)
-    assert [s.name for s in imp.stages()] == ["level_00", "level_04"]
+    assert [s.key for s in imp.stages()] == ["level_00", "level_04"]
     assert "classifier" not in imp.layers  # output_fraction=0: the output layer stays dense
     with torch.no_grad():
         imp.layers["features.1"].weight_orig.mul_(10)  # global ranking: the scaled layer keeps far more

@@ -203,7 +203,7 @@ def test_stages_line_up_by_role():
     assert stage_plan([Declares(*pruning), Declares(teacher, student)]) == [teacher, *pruning]
     # alone, KD trains its teacher and then its student; two plain stages of one name are one
     assert stage_plan([Declares(teacher, student)]) == [teacher, student]
-    assert [s.name for s in stage_plan([Declares(Stage("train", role="plain")), Declares(student)])] == ["train"]
+    assert [s.label for s in stage_plan([Declares(Stage("train", role="plain")), Declares(student)])] == ["train"]
 
 
 def test_a_compressor_composed_twice_is_a_one_line_error(effml, tmp_path):

@@ -53,3 +53,14 @@ def test_bert_forward_through_python_m_from_the_repo_root(tmp_path):
     find = "import importlib.util as u; s = u.find_spec('kernels'); print(s and s.origin)"
     where = subprocess.run([sys.executable, "-c", find], cwd=REPO, capture_output=True, text=True, check=True)
     assert not where.stdout.startswith(str(REPO / "kernels")), where.stdout
+
+
+def test_models_and_compressors_import_without_hydra():
+    """A GPU node may have torch, transformers and Lightning but no Hydra: the benchmarks import the
+    model and the compressors' helpers instead of copying them (benchmarks/structured_bert.py)."""
+    code = ("import sys\n"
+            "from effml.models.bert import BertClassifier\n"
+            "from effml.compressors.earlybert import heads_kept\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'hydra', 'omegaconf', 'datasets', 'wandb'}))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

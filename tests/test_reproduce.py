@@ -447,3 +447,41 @@ def test_a_failed_run_is_missing_and_the_others_are_kept(finished, effml, monkey
     n = {cell["series"]: cell["n"] for cell in summary["cells"]}
     assert n == {"dense": 3, "pruned": 2}  # dense seed 2 ran; pruned kept its two finished seeds
     assert [m["series"] for m in summary["missing"]] == ["pruned"]
+
+
+# --------------------------------------------------------------------------- the claim registry
+
+
+@pytest.mark.parametrize("claim_type", list(tables.claims.CHECKS), ids=lambda claim_type: claim_type.kind)
+def test_every_claim_type_has_its_kind_a_check_and_a_validation(tmp_path, claim_type):
+    registry = tables.claims
+    assert registry.CLAIM_TYPES[claim_type.kind] is claim_type and claim_type in registry.PROBLEMS
+    spec = spec_of(tmp_path, GAP_TABLE)
+    result = tables.check_claim(claim_type(name="c", series="alone"), spec, {})  # dispatched on the type
+    assert (result.kind, result.passed) == (claim_type.kind, False) and "\n" not in result.detail
+
+
+def test_every_shipped_claim_kind_loads_as_its_dataclass():
+    registry = tables.claims
+    for path in tables.table_files().values():
+        raw = yaml.safe_load(path.read_text()).get("claims") or []
+        spec = tables.load_spec(path)
+        assert [type(c) for c in spec.claims] == [registry.CLAIM_TYPES[c["kind"]] for c in raw], path
+        assert all(type(c) in registry.CHECKS for c in spec.claims)
+
+
+@pytest.mark.parametrize(
+    "claim, message",
+    [
+        ({"name": "c", "kind": "beats", "series": "alone"},
+         "claim 'c': kind must be one of reaches, exceeds, above, recovers; got 'beats'"),
+        ({"name": "c", "series": "alone"}, "claim 'c': kind must be one of reaches, exceeds, above, recovers"),
+        ({"name": "c", "kind": "above", "series": "alone", "value": 20, "margin": 1},
+         "claim 'c': Key 'margin' not in 'AboveClaim'"),  # a field of another kind is no silent no-op
+    ],
+)
+def test_an_unknown_kind_or_field_is_one_line(tmp_path, claim, message):
+    with pytest.raises(EffmlError) as raised:
+        spec_of(tmp_path, GAP_TABLE, claims=[claim])
+    text = str(raised.value)
+    assert message in text and "\n" not in text and text.startswith(f"table {tmp_path}"), text

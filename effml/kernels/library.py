@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from effml.errors import EffmlError
+from effml.kernels import names
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,9 @@ KERNELS: dict[str, Kernel] = {
         Kernel("sparse_2to4_cutlass", _sparse_unsupported(cutlass=True), _to_semi_structured(cutlass=True)),
     )
 }
+
+
+assert tuple(KERNELS) == names.KERNELS  # one list of names (effml.kernels.names), all implemented
 
 
 def kernel(name: str) -> Kernel:

@@ -1,0 +1,127 @@
+"""The figure of a table, drawn with matplotlib's Agg backend (no pyplot state)."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from effml.tables.cells import find_cell
+
+if TYPE_CHECKING:
+    from effml.tables.cells import Cell
+    from effml.tables.render import Outcome
+    from effml.tables.spec import Axis
+
+
+def plot(outcome: Outcome, path: Path) -> None:
+    """y vs x, one line per series with a ±std band (like Frankle & Carbin's Fig. 3), or a bar per
+    series for tables without x; the paper's numbers as hollow markers, the reference dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    spec = outcome.spec
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)  # the Agg backend, without pyplot's global state
+    axes = figure.add_subplot()
+    if spec.x is None:
+        _bars(axes, outcome)
+    else:
+        _lines(axes, outcome)
+    reference = spec.reference and find_cell(outcome.cells, spec.reference.series, spec.reference.x)
+    if reference:
+        axes.axhline(reference.mean, color="black", linestyle="--", linewidth=1,
+                     label=f"{spec.reference.label} (ours, {reference.mean:.{spec.y.decimals}f})")
+    axes.set_ylabel(spec.y.label or spec.y.key)
+    axes.set_title(f"{spec.title}\n{spec.paper}", fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.savefig(path, dpi=150)
+
+
+def _lines(axes, outcome: Outcome) -> None:
+    spec = outcome.spec
+    paper = spec.paper_values()
+    our_x, paper_x = set(), set()
+    for i, s in enumerate(spec.series):
+        label = s.label or s.key
+        our_x.update(_our_line(axes, f"C{i}", label, outcome.cells.get(s.key, {})))
+        paper_x.update(_paper_line(axes, f"C{i}", label, paper.get(s.key, {})))
+    _x_axis(axes, spec.x, our_x, paper_x)
+
+
+def _our_line(axes, color: str, label: str, cells_by_x: dict[float | None, Cell]) -> list[float]:
+    """Means with error bars and a ±std band; the x values drawn."""
+    cells = sorted(cells_by_x.values(), key=lambda c: c.x)
+    if not cells:
+        return []
+    xs, means = [c.x for c in cells], [c.mean for c in cells]
+    stds = [c.std for c in cells]
+    axes.errorbar(xs, means, yerr=stds, color=color, marker="o", markersize=4, capsize=3, label=f"{label} (ours)")
+    low = [m - d for m, d in zip(means, stds, strict=True)]
+    high = [m + d for m, d in zip(means, stds, strict=True)]
+    axes.fill_between(xs, low, high, color=color, alpha=0.15, linewidth=0)
+    return xs
+
+
+def _paper_line(axes, color: str, label: str, paper_by_x: dict[float | None, float]) -> list[float]:
+    """The paper's numbers as hollow squares on a dotted line; the x values drawn."""
+    published = sorted(paper_by_x.items())
+    if not published:
+        return []
+    axes.plot([x for x, _ in published], [y for _, y in published], color=color, marker="s",
+              markerfacecolor="none", linestyle=":", linewidth=1, label=f"{label} (paper)")
+    return [x for x, _ in published]
+
+
+def _x_axis(axes, x_axis: Axis, our_x: set[float], paper_x: set[float]) -> None:
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    if x_axis.log:
+        axes.set_xscale("log")
+    if x_axis.reverse:
+        axes.invert_xaxis()
+    if our_x or paper_x:
+        axes.xaxis.set_major_locator(FixedLocator(pick_ticks(list(our_x), list(paper_x), log=x_axis.log)))
+        axes.xaxis.set_minor_locator(NullLocator())
+        axes.xaxis.set_major_formatter(lambda value, _: f"{value:.3g}")
+    axes.set_xlabel(x_axis.label or x_axis.key)
+
+
+def pick_ticks(ours: list[float], paper: list[float], log: bool, min_gap: float = 0.06) -> list[float]:
+    """x ticks that do not crowd each other (gap as a fraction of the axis span), chosen by priority:
+    our first and last x (the dense level, the sparsest), our other x values, then the paper's."""
+    every = sorted(set(ours) | set(paper))
+    if len(every) < 2:
+        return every
+    position = math.log if log and every[0] > 0 else float
+    span = (position(every[-1]) - position(every[0])) or 1.0
+    ours = sorted(set(ours))
+    priority = ours[-1:] + ours[:1] + ours[1:-1][::-1] + sorted(set(paper) - set(ours), reverse=True)
+    kept: list[float] = []
+    for x in priority:
+        if all(abs(position(x) - position(k)) / span >= min_gap for k in kept):
+            kept.append(x)
+    return sorted(kept)
+
+
+def _bars(axes, outcome: Outcome) -> None:
+    spec = outcome.spec
+    paper = spec.paper_values()
+    labels = [s.label or s.key for s in spec.series]
+    cells = [find_cell(outcome.cells, s.key, None) for s in spec.series]
+    positions = range(len(spec.series))
+    axes.bar(positions, [c.mean if c else 0 for c in cells], yerr=[c.std if c else 0 for c in cells],
+             color=[f"C{i}" for i in positions], capsize=4, alpha=0.85, label="ours (mean ± std)")
+    published = [(i, paper[s.key][None]) for i, s in enumerate(spec.series) if None in paper.get(s.key, {})]
+    if published:
+        axes.plot([i for i, _ in published], [y for _, y in published], "ks", markerfacecolor="none",
+                  linestyle="none", label="paper")
+    lows = [c.mean - c.std for c in cells if c] + [y for _, y in published]
+    if lows:  # accuracies near 90% should not all look equal: start the axis below the lowest value
+        top = max([c.mean + c.std for c in cells if c] + [y for _, y in published])
+        low = min(lows)
+        axes.set_ylim(max(0.0, low - 0.2 * (top - low) - 1e-9), top + 0.1 * (top - low) + 1e-9)
+    width = min(28, max(10, 70 // len(labels)))  # characters a bar's slot holds on the 10-inch figure
+    axes.set_xticks(list(positions), [textwrap.fill(label, width) for label in labels])
