@@ -43,6 +43,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from effml import safe_load
 from effml.compressors._masks import LAYER_TYPES, make_permanent, mask_layers, matches, set_mask
 from effml.compressors.base import Compressor, CompressorConfig, RunContext, Smoke, Stage
 from effml.errors import EffmlError
@@ -331,7 +332,10 @@ class IterativeMagnitudePruning(Compressor):
         end = level_end(self.source, level)
         if end is None:
             raise EffmlError(f"{self.source} has no finished level {level} to take masks from")
-        state = torch.load(end, map_location="cpu", weights_only=False)["model"]
+        state = safe_load.load(end, "the masks' checkpoint")  # tensors and plain data only: no code runs
+        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+            raise EffmlError(f"the masks' checkpoint {end} holds no model state")
+        state = state["model"]
         masks = []
         for name, module in self.layers.items():
             mask = state.get(f"{name}.weight_mask")

@@ -34,7 +34,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig, OmegaConf
 
-from effml import identity, measure, report
+from effml import identity, measure, report, safe_load
 from effml.compressors.base import Compressor, RunContext, Stage, refuse_conflicts
 from effml.config import to_typed
 from effml.errors import EffmlError
@@ -240,7 +240,8 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: Path, task, datamodule, compress
     if own_batches:  # the datamodule still validates, but is never iterated for training
         data = {"train_dataloaders": own_batches[0], "val_dataloaders": datamodule.val_dataloader()}
     with hw.kernel_context(t["hardware"]):
-        trainer.fit(compiled(task, t["hardware"]), **data, ckpt_path=resume_from, weights_only=False)
+        # weights_only=True: Lightning unpickles last.ckpt as tensors and plain data, running no code in it
+        trainer.fit(compiled(task, t["hardware"]), **data, ckpt_path=resume_from, weights_only=True)
     if trainer.interrupted:
         writer.close()
         raise SystemExit(f"effml: interrupted; rerun the same command to resume from {last}")
@@ -341,7 +342,7 @@ class LastCheckpoint(L.Callback):
 
     def save(self, trainer) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(self.path, weights_only=False)
+        trainer.save_checkpoint(self.path, weights_only=False)  # (a save: with the optimizer's state)
 
 
 class BackgroundCheckpointIO(TorchCheckpointIO):
@@ -447,7 +448,7 @@ class ResumeState(L.Callback):
             "elapsed": self.elapsed(),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
+            "numpy": numpy_rng_state(),
             "python": random.getstate(),
         }
 
@@ -456,8 +457,20 @@ class ResumeState(L.Callback):
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
-        np.random.set_state(state["numpy"])
+        set_numpy_rng_state(state["numpy"])
         random.setstate(state["python"])
+
+
+def numpy_rng_state() -> list:
+    """numpy's global RNG state as plain data (its key array as a list of ints): a checkpoint holds
+    nothing that ``torch.load(weights_only=True)`` refuses (effml.safe_load)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return [name, keys.tolist(), int(position), int(has_gauss), float(cached_gaussian)]
+
+
+def set_numpy_rng_state(state) -> None:
+    name, keys, *rest = state
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
 
 
 # -- stage files -----------------------------------------------------------------------------
@@ -481,12 +494,7 @@ def load_stage_end(stage_dir: Path, task, compressors) -> dict:
 
 
 def check_loadable(path: Path, what: str) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any failure to unpickle means the file is unusable
-        raise EffmlError(
-            f"checkpoint of {what} is corrupt ({path}: {type(e).__name__}); delete it to redo that stage"
-        ) from None
+    return safe_load.load(path, f"checkpoint of {what}", broken="is corrupt", advice="; delete it to redo that stage")
 
 
 # -- outputs ---------------------------------------------------------------------------------

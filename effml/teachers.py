@@ -30,6 +30,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from effml import safe_load
 from effml.errors import EffmlError
 
 SOURCES = ("stage", "run", "recipe", "checkpoint", "hf")
@@ -136,10 +137,7 @@ def read_state_dict(path: Path, who: str = "teacher") -> dict[str, Tensor]:
     """Weights from a Lightning ``.ckpt``, an effml ``end.pt`` or a plain state dict; masks folded in."""
     if not path.is_file():
         raise EffmlError(f"{who} checkpoint {path} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any failure to unpickle means the file is unusable
-        raise EffmlError(f"{who} checkpoint {path} does not load ({type(e).__name__})") from None
+    state = safe_load.load(path, f"{who} checkpoint")  # tensors and plain data only: no code runs
     if isinstance(state, dict) and "state_dict" in state:  # Lightning: the task's keys, model.<...>
         state = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
     elif isinstance(state, dict) and isinstance(state.get("model"), dict):  # effml end.pt

@@ -24,7 +24,7 @@ def level_masks(run_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
     """{level: {layer.weight_mask: mask}} from every finished level of a run."""
     masks = {}
     for end in sorted((run_dir / "stages").glob("*_level_*/end.pt")):
-        state = torch.load(end, weights_only=False)["model"]
+        state = torch.load(end, weights_only=True)["model"]
         masks[int(end.parent.name.rsplit("_", 1)[1])] = {k: v for k, v in state.items() if k.endswith("_mask")}
     return masks
 
@@ -120,7 +120,7 @@ def test_lth_lenet_levels_controls_and_transfer(effml, tmp_path):
         for key, mask in ticket[level].items():
             assert torch.equal(reinit[level][key], mask)  # reinit: the ticket's own masks
             assert rand[level][key].sum() == mask.sum() and not torch.equal(rand[level][key], mask)
-    reinit_end = torch.load(next((dirs["reinit"] / "stages").glob("01_*/end.pt")), weights_only=False)
+    reinit_end = torch.load(next((dirs["reinit"] / "stages").glob("01_*/end.pt")), weights_only=True)
     assert reinit_end["compressors"]["compressor/imp"]["history"][1]["level"] == 1
 
     # ticket transfer: the ticket's masks on other data; a recipe name finds the run that found its own
@@ -136,7 +136,7 @@ def test_lth_lenet_levels_controls_and_transfer(effml, tmp_path):
 def test_rewind_to_a_step_keeps_that_steps_weights(effml, tmp_path):
     assert effml(*LENET, "compressor.levels=1", "compressor.rewind=step:3")[0] == 0
     run_dir = next((tmp_path / "outputs").rglob("metrics.json")).parent
-    level0 = torch.load(next((run_dir / "stages").glob("00_*/end.pt")), weights_only=False)
+    level0 = torch.load(next((run_dir / "stages").glob("00_*/end.pt")), weights_only=True)
     rewind = level0["compressors"]["compressor/imp"]["rewind_weights"]
     torch.manual_seed(0)
     theta0 = LeNet(784, [300, 100], 10).state_dict()

@@ -242,8 +242,8 @@ def test_qat_killed_mid_epoch_resumes_exactly(effml, tmp_path, monkeypatch):
     assert effml(*QAT_RUN)[0] == 0  # the same command again: resumes after epoch 1
 
     for name in ("model.pt", "end.pt"):  # the deployable weights; the last stage's state, observers included
-        a = torch.load(next(straight.rglob(name)), weights_only=False)
-        b = torch.load(next(killed.rglob(name)), weights_only=False)
+        a = torch.load(next(straight.rglob(name)), weights_only=True)
+        b = torch.load(next(killed.rglob(name)), weights_only=True)
         a, b = a.get("model", a), b.get("model", b)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
     assert any(k.endswith("input_quantizer.lo") for k in a)

@@ -50,7 +50,7 @@ def kill_when(process: subprocess.Popen, marker_glob: str, cwd: Path, timeout: f
 def final_state(root: Path) -> tuple[dict, dict]:
     run_dir = next(root.rglob("metrics.json")).parent
     stages = sorted((run_dir / "stages").glob("*/end.pt"))
-    model = torch.load(stages[-1], weights_only=False)["model"]
+    model = torch.load(stages[-1], weights_only=True)["model"]
     return model, json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -95,7 +95,7 @@ def test_checkpoints_are_written_in_the_background_from_a_snapshot(tmp_path):
     writer.save_checkpoint({"state_dict": {"w": weights}, "epoch": 3}, path)
     weights.add_(1)  # the next optimizer step, before the write has finished
     writer.wait()
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     assert saved["epoch"] == 3 and torch.equal(saved["state_dict"]["w"], torch.ones(1000, 100))
     assert not list(tmp_path.glob("*.tmp"))
     writer.save_checkpoint({"w": weights}, tmp_path / "missing" / "last.ckpt")
