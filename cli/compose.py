@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
-from effml.config import conf_dir, recipe_files, register_schemas
+from effml.config import conf_dir, recipe_files, recipe_problem, register_schemas
 from effml.errors import EffmlError, one_line
 
 GROUPS = ("model", "data", "compressor", "hardware", "trainer", "logger")
@@ -38,6 +38,8 @@ def check_choices(overrides: list[str]) -> None:
         options = presets(group)
         if value is not None and value not in options:
             raise EffmlError(f"unknown {group} '{value}'; choose from: {', '.join(options)}")
+        if group == "recipe" and value is not None and (problem := recipe_problem(options[value])):
+            raise EffmlError(f"recipe {value}: {problem}")
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

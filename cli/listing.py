@@ -28,6 +28,7 @@ def describe(path: Path) -> tuple[str, str]:
 
 def list_command(args: list[str]) -> int:
     from effml.cli.compose import presets
+    from effml.config import recipe_problem
 
     if len(args) != 1 or args[0] not in KINDS:
         raise EffmlError(f"effml list needs one of: {', '.join(KINDS)}")
@@ -38,7 +39,8 @@ def list_command(args: list[str]) -> int:
     table.add_column("description")
     table.add_column(title, style="dim")
     for name, path in presets(group).items():
-        description, schema = describe(path)
+        problem = recipe_problem(path) if group == "recipe" else None
+        description, schema = (f"[red]broken: {problem}[/red]", "") if problem else describe(path)
         table.add_row(name, description, schema)
     Console().print(table)
     return 0

@@ -57,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
             return reproduce(rest)
         raise EffmlError(f"unknown command '{command}'; choose from: train, list, report, reproduce")
     except EffmlError as e:
-        print(f"effml: error: {e}", file=sys.stderr)
+        print(f"{e.prefix}{e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # outside a fit (a fit's own interrupt is effml.errors.Interrupted)
+        print("effml: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     except SystemExit as e:  # raised inside Hydra's job; returned so main() is callable in-process
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)

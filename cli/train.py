@@ -52,7 +52,7 @@ def hydra_app() -> None:
         try:
             runner.run(cfg, group=group)
         except EffmlError as e:
-            print(f"effml: error: {e}", file=sys.stderr)
+            print(f"{e.prefix}{e}", file=sys.stderr)
             if not multirun:  # in a sweep, one failed job must not lose the others
                 raise SystemExit(e.exit_code) from None
 

@@ -54,7 +54,7 @@ from effml.compressors.base import Compressor, CompressorConfig, RunContext
 from effml.errors import EffmlError
 from effml.kernels.library import kernel
 from effml.kernels.names import QUANTIZED
-from effml.kernels.select import convert_linears, hardware_device, precision_dtype, set_module
+from effml.kernels.select import check_allowed, convert_linears, hardware_device, precision_dtype, set_module
 from effml.teachers import TrainedWeightsConfig, load_weights, trained_state
 
 OBSERVERS = ("minmax", "percentile", "mse")
@@ -415,6 +415,7 @@ class Quantizer(Compressor):
         now, before any training, rather than at finalize."""
         if self.cfg.kernel == "none" or hardware.selection != "force":
             return
+        check_allowed(hardware, self.cfg.kernel)
         device, dtype = hardware_device(hardware), precision_dtype(hardware.precision)
         for path, layer in self.targets.items():
             why_not = isinstance(layer, nn.Linear) and kernel(self.cfg.kernel).unsupported(layer, device, dtype)

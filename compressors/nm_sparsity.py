@@ -51,7 +51,7 @@ from effml.compressors.base import Compressor, CompressorConfig, RunContext, Smo
 from effml.errors import EffmlError
 from effml.kernels.library import kernel
 from effml.kernels.names import SPARSE_2TO4
-from effml.kernels.select import Decision, convert_linears, hardware_device, precision_dtype
+from effml.kernels.select import Decision, check_allowed, convert_linears, hardware_device, precision_dtype
 from effml.registry import COMPRESSORS
 from effml.teachers import TrainedWeightsConfig, load_weights, trained_state
 
@@ -365,6 +365,7 @@ class NMSparsity(Compressor):
         if hardware.selection != "force" or not self.runs_on_sparse_kernels:
             return
         device, dtype, name = hardware_device(hardware), precision_dtype(hardware.precision), SPARSE_2TO4[0]
+        check_allowed(hardware, name)
         for path, module in self.linears().items():
             w = effective_weight(module)
             probe = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")

@@ -11,6 +11,10 @@ Fields that do not change results carry ``metadata={"hash": False}``: the run id
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +188,26 @@ def recipe_files() -> dict[str, Path]:
     return files
 
 
+def recipe_problem(path: Path) -> str | None:
+    """Why a recipe file cannot be a recipe, in one line naming the file (and the line), or None.
+
+    A broken file in an ``$EFFML_RECIPES`` folder must not break the other recipes: it is left out
+    of the store, named when asked for, and flagged by ``effml list recipes``."""
+    import yaml
+
+    try:
+        node = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        return f"{where}: not valid YAML ({getattr(e, 'problem', None) or type(e).__name__})"
+    if node is None:
+        return f"{path}: empty; a recipe sets at least its defaults"
+    if not isinstance(node, dict):
+        return f"{path}: a recipe is a mapping of fields (`key: value` lines), not a {type(node).__name__}"
+    return None
+
+
 def register_schemas() -> None:
     """Put every schema and recipe into Hydra's ConfigStore (idempotent)."""
     from effml.registry import COMPRESSORS, DATASETS, MODELS
@@ -197,6 +221,8 @@ def register_schemas() -> None:
         store.store(group=f"schema/{group}", name="base", node=schema)
     # Recipes live in recipes/ (not conf/recipe/), so they enter the `recipe` group from here.
     for name, path in recipe_files().items():
+        if recipe_problem(path):
+            continue  # said when the recipe is asked for (cli.compose.check_choices)
         node = OmegaConf.load(path)
         if "name" not in node:
             node.name = name
@@ -207,6 +233,10 @@ def to_typed(cfg) -> dict[str, Any]:
     """The composed config's sections as validated dataclasses (runs every ``__post_init__``)."""
     from effml.registry import COMPRESSORS, DATASETS, MODELS
 
+    reject_unknown_keys(cfg)
+    for section in ("model", "data", "compressor", "compose", "trainer", "hardware", "measure"):
+        if (node := cfg.get(section)) is not None:
+            reject_non_finite(OmegaConf.to_container(node, resolve=True), section)
     typed = {
         "model": MODELS.get(cfg.model.name).make_config(cfg.model),
         "data": DATASETS.get(cfg.data.name).make_config(cfg.data),
@@ -219,10 +249,57 @@ def to_typed(cfg) -> dict[str, Any]:
     return typed
 
 
+def reject_unknown_keys(cfg) -> None:
+    """A key that no schema has (``+trainer.max_epoch=1``, ``+compresor=kd``; Hydra's ``+`` adds any
+    key) would be silently ignored: one line naming it, with the nearest field."""
+    from effml.registry import COMPRESSORS, DATASETS, MODELS
+
+    _reject_unknown(cfg, Config, "", extra={"hydra"})
+    sections = {"model": MODELS.get(cfg.model.name).config, "data": DATASETS.get(cfg.data.name).config,
+                "compressor": COMPRESSORS.get(cfg.compressor.name).config}
+    sections |= {f"compose.{key}": COMPRESSORS.get(node.name).config
+                 for key, node in cfg.get("compose", {}).items() if hasattr(node, "get") and node.get("name")}
+    for path, schema in sections.items():
+        _reject_unknown(OmegaConf.select(cfg, path), schema, f"{path}.")
+
+
+def _reject_unknown(node: Any, schema: type, prefix: str, extra: frozenset | set = frozenset()) -> None:
+    if not OmegaConf.is_dict(node) or not dataclasses.is_dataclass(schema):
+        return
+    names = {f.name for f in dataclasses.fields(schema)} | set(extra)
+    try:
+        hints = typing.get_type_hints(schema)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: check this level only
+        hints = {}
+    for key in node:
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else ""
+            raise EffmlError(f"{prefix}{key} is not a setting of effml{hint}")
+        if dataclasses.is_dataclass(hints.get(key)):
+            _reject_unknown(node[key], hints[key], f"{prefix}{key}.")
+
+
+def reject_non_finite(value: Any, path: str) -> None:
+    """NaN and infinity are no setting of any field (``trainer.lr=nan`` would train to NaN and
+    ``temperature=inf`` would be saved as a finished run): one line naming the field as typed."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            reject_non_finite(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            reject_non_finite(item, f"{path}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise EffmlError(f"{path} must be a finite number; got {value}")
+
+
 def _composed(key: str, node) -> Any:
     """The typed config of ``compose.<key>``: a compressor preset like ``compressor`` itself."""
     from effml.registry import COMPRESSORS
 
     if not hasattr(node, "get") or not node.get("name"):
         raise EffmlError(f"compose.{key} must be a compressor config with a name (e.g. +compressor@compose.{key}=kd)")
-    return COMPRESSORS.get(node.name).make_config(node)
+    try:
+        return COMPRESSORS.get(node.name).make_config(node)
+    except EffmlError as e:  # a config validates as `compressor.<field>`: name the field the user typed
+        raise EffmlError(str(e).replace("compressor.", f"compose.{key}.")) from None

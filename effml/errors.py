@@ -5,6 +5,14 @@ class EffmlError(Exception):
     """Bad input or a broken artefact, explained in one line that says what to do."""
 
     exit_code = 2
+    prefix = "effml: error: "
+
+
+class Interrupted(EffmlError):
+    """Ctrl-C: the run stops where it is, and the same command resumes it (exit code 130, as a shell's)."""
+
+    exit_code = 130
+    prefix = "effml: "
 
 
 def one_line(error: BaseException) -> str:

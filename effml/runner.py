@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from effml import identity, measure, report, safe_load
 from effml.compressors.base import Compressor, RunContext, Stage, refuse_conflicts
 from effml.config import to_typed
-from effml.errors import EffmlError
+from effml.errors import EffmlError, Interrupted
 from effml.kernels import fp8_training, select
 from effml.kernels import hardware as hw
 from effml.registry import COMPRESSORS, DATASETS, MODELS
@@ -228,7 +228,7 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: Path, task, datamodule, compress
         check_loadable(resume_from, f"stage '{stage.label}'")
         log.info("stage %s: resuming from %s", stage.label, resume_from)
     clock = ResumeState()
-    task.lr_scale = stage.lr_scale
+    task.lr_scale, task.stage_label = stage.lr_scale, stage.label
     active = [c for c in compressors if stage.role != "prepare" or c.name == stage.owner]
     task.compressors = active  # a teacher trained in a prepare stage is not pruned or distilled
     writer = BackgroundCheckpointIO()
@@ -241,10 +241,14 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: Path, task, datamodule, compress
         data = {"train_dataloaders": own_batches[0], "val_dataloaders": datamodule.val_dataloader()}
     with hw.kernel_context(t["hardware"]):
         # weights_only=True: Lightning unpickles last.ckpt as tensors and plain data, running no code in it
-        trainer.fit(compiled(task, t["hardware"]), **data, ckpt_path=resume_from, weights_only=True)
+        try:
+            trainer.fit(compiled(task, t["hardware"]), **data, ckpt_path=resume_from, weights_only=True)
+        except SystemExit:  # Lightning ends a KeyboardInterrupt with sys.exit(1), after its teardown
+            if not trainer.interrupted:
+                raise
     if trainer.interrupted:
         writer.close()
-        raise SystemExit(f"effml: interrupted; rerun the same command to resume from {last}")
+        raise Interrupted(f"interrupted; rerun the same command to resume from {last}")
     record = {
         "name": stage.label,
         "owner": stage.owner,

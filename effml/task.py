@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effml.config import TrainerConfig
+from effml.errors import EffmlError
 
 
 def split_batch(batch: dict) -> tuple[dict, torch.Tensor]:
@@ -29,6 +30,7 @@ class ClassificationTask(L.LightningModule):
         self.cfg = cfg
         self.compressors = list(compressors)  # callbacks, not submodules: their state travels via Lightning
         self.lr_scale = 1.0  # set per stage by the runner (Stage.lr_scale)
+        self.stage_label = "train"  # set per stage by the runner, for messages
 
     def forward(self, **inputs) -> torch.Tensor:
         return self.model(**inputs)
@@ -51,6 +53,9 @@ class ClassificationTask(L.LightningModule):
             if extra is not None:
                 self.log(f"train/loss_{compressor.name}", extra, batch_size=logits.shape[0])
                 loss = loss + extra
+        if not torch.isfinite(loss):  # a NaN never heals: stop now, and the stage is not recorded as finished
+            raise EffmlError(f"stage {self.stage_label}: the training loss became {float(loss)} at step "
+                             f"{self.global_step}; lower trainer.lr (or the method's loss weights) and rerun")
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, metrics_of
+from conftest import TINY, metrics_of, one_line_error
 
 RUN = ["train", "recipe=magnitude_lenet", *TINY]
 
@@ -55,6 +55,15 @@ def test_finished_run_is_a_noop_that_says_where(effml, tmp_path):
         (["train", "-m", "recipe=magnitude_lenet", "compressor.sparsity=0.5,1.5"], "compressor.sparsity"),
         (["train", "data.data_dir=/nonexistent"], "apt-get install dataset-fashion-mnist"),
         (["train", "hardware=h100"], "needs a CUDA GPU"),
+        (["train", "recipe=magnitude_lenet", "trainer.lr=nan"], "trainer.lr must be a finite number; got nan"),
+        (["train", "recipe=kd_magnitude_lenet", "compose.kd.temperature=inf"],
+         "compose.kd.temperature must be a finite number; got inf"),
+        (["train", "recipe=magnitude_lenet", "compressor.sparsity=-inf"], "compressor.sparsity must be a finite"),
+        (["train", "recipe=magnitude_lenet", "+trainer.max_epoch=1"], "trainer.max_epoch is not a setting of effml; "
+         "did you mean trainer.max_epochs?"),
+        (["train", "recipe=magnitude_lenet", "+compresor=kd"], "compresor is not a setting of effml"),
+        (["train", "recipe=kd_magnitude_lenet", "+compose.kd.temprature=2"], "compose.kd.temprature is not a setting"),
+        (["train", "recipe=kd_magnitude_lenet", "compose.kd.temperature=0"], "compose.kd.temperature must be > 0"),
         (["list", "nothing"], "effml list needs one of"),
         (["frobnicate"], "unknown command 'frobnicate'"),
     ],
@@ -135,3 +144,30 @@ def test_joblib_launcher_runs_sweep_jobs_in_parallel_processes(tmp_path):
     runs = sorted((tmp_path / "outputs" / "magnitude_lenet").glob("*/seed_*/metrics.json"))
     assert [r.parent.name for r in runs] == ["seed_0", "seed_1"]
     assert "Joblib" in result.stderr + result.stdout  # Hydra's joblib launcher announced itself
+
+
+def test_a_broken_recipe_file_is_named_in_one_line_and_leaves_the_others_usable(effml, tmp_path, monkeypatch):
+    """A recipe that does not parse once broke every `effml train`, even of other recipes (a traceback,
+    exit 1); a list at the top level gave 24 lines; an empty file was accepted as a recipe."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "unclosed.yaml").write_text("# @package _global_\nseed: 1\ntrainer: {max_epochs: [1, 2\n")
+    (mine / "listy.yaml").write_text("- a\n- b\n")
+    (mine / "empty.yaml").write_text("")
+    monkeypatch.setenv("EFFML_RECIPES", str(mine))
+    for name, message in [("unclosed", "unclosed.yaml:4: not valid YAML"), ("listy", "a recipe is a mapping"),
+                          ("empty", "empty.yaml: empty")]:
+        code, out, err = effml("train", f"recipe={name}")
+        one_line_error(code, err, f"recipe {name}: ")
+        assert message in err
+    assert not (tmp_path / "outputs").exists()
+    code, out, _ = effml("train", "recipe=magnitude_lenet", "--cfg", "job")
+    assert code == 0 and "sparsity: 0.9" in out  # the shipped recipes still compose
+    code, out, _ = effml("list", "recipes")
+    assert code == 0 and out.count("broken:") == 3
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_in_one_line_and_records_nothing_finished(effml, tmp_path):
+    code, _, err = effml(*RUN, "trainer.lr=1e30")
+    one_line_error(code, err, "stage train: the training loss became nan at step ")
+    assert not list((tmp_path / "outputs").rglob("end.pt")) and not list((tmp_path / "outputs").rglob("metrics.json"))

@@ -86,8 +86,24 @@ def test_force_uses_the_kernel_unmeasured_and_refuses_one_the_device_cannot_run(
     converted = selector.choose("fc1", nn.Linear(256, 512), (64, 256), ["int8_dynamic"])
     assert type(converted.weight).__name__ == "Int8Tensor"
     assert selector.decisions[0].forced and selector.decisions[0].reason.startswith("forced, not selected")
+    allowing_fp8 = select.KernelSelector(dataclasses.replace(forced, kernels=["fp8_dynamic"]))
     with pytest.raises(EffmlError, match="selection=force: kernel fp8_dynamic cannot run for fc1: fp8 needs a CUDA"):
-        selector.choose("fc1", nn.Linear(256, 512), (64, 256), ["fp8_dynamic"])
+        allowing_fp8.choose("fc1", nn.Linear(256, 512), (64, 256), ["fp8_dynamic"])
+
+
+def test_force_never_overrides_the_allow_list(cpu):
+    """Once int8_dynamic was forced on every layer of a run whose hardware.kernels held only fp8_rowwise."""
+    selector = select.KernelSelector(dataclasses.replace(cpu, selection="force", kernels=["fp8_rowwise"]))
+    with pytest.raises(EffmlError, match=r"kernel int8_dynamic is not in hardware.kernels \(cpu allows fp8_rowwise\)"):
+        selector.choose("fc1", nn.Linear(256, 512), (64, 256), ["int8_dynamic"])
+    assert not selector.decisions
+
+
+def test_a_forced_kernel_outside_the_allow_list_is_one_line_before_training(effml, tmp_path):
+    code, _, err = effml("train", "recipe=ptq_lenet", "compressor.weights.source=none", "hardware.selection=force",
+                         "hardware.kernels=[fp8_rowwise]", "compressor.kernel=int8_dynamic", "data=digits")
+    one_line_error(code, err, "kernel int8_dynamic is not in hardware.kernels (cpu allows fp8_rowwise)")
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_selection_off_keeps_every_layer_dense(cpu):

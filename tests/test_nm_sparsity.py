@@ -161,7 +161,7 @@ def test_config_rejects_bad_values(field, value):
 @pytest.mark.parametrize("overrides, message", [
     (["compressor.n=5"], "compressor.n must satisfy 1 <= n < m (keep n of every m weights); got n=5, m=4"),
     (["compressor.n=0"], "got n=0, m=4"),
-    (["hardware.selection=force"], "kernel sparse_2to4 cannot run for features.1: 2:4 sparsity (cuSPARSELt) needs a CUDA GPU"),
+    (["hardware.selection=force", "hardware.kernels=[sparse_2to4]"], "kernel sparse_2to4 cannot run for features.1: 2:4 sparsity (cuSPARSELt) needs a CUDA GPU"),
     (["compressor.weights.source=recipe", "compressor.weights.recipe=dense_lenet"],
      "dense model: no finished run of recipe dense_lenet (seed 0)"),
     (["compressor.weights.source=run"], "compressor.weights.path is needed for weights.source=run"),

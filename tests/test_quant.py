@@ -265,7 +265,7 @@ def test_qat_killed_mid_epoch_resumes_exactly(effml, tmp_path, monkeypatch):
         (["compressor=ptq", "compressor.weights.source=recipe"], "compressor.weights.recipe is needed"),
         (["compressor=ptq", "compressor.weights.source=recipe", "compressor.weights.recipe=dense_lenet"],
          "trained model: no finished run of recipe dense_lenet (seed 0)"),
-        (["compressor=ptq", "hardware.selection=force", "compressor.kernel=fp8_dynamic"],
+        (["compressor=ptq", "hardware.selection=force", "hardware.kernels=[fp8_dynamic]", "compressor.kernel=fp8_dynamic"],
          "hardware.selection=force: kernel fp8_dynamic cannot run for features.1: fp8 needs a CUDA GPU"),
     ],
 )

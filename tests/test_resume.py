@@ -112,3 +112,22 @@ def test_the_profiler_writes_each_stage_s_profile(effml, tmp_path):
     assert "run_training_batch" in profile and "save_checkpoint" in profile
     code, _, err = effml("train", "recipe=dense_lenet", "trainer.profiler=yes")
     assert code == 2 and "trainer.profiler" in err
+
+
+@pytest.mark.e2e
+def test_ctrl_c_says_how_to_resume_exits_130_and_the_rerun_finishes(tmp_path):
+    """Lightning ends a KeyboardInterrupt with sys.exit(1); effml once exited 1 with no message."""
+    process = subprocess.Popen([sys.executable, "-m", "effml.cli.main", *RESUME_RUN], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("outputs/*/*/*/stages/00_train/checkpoints/last.ckpt")):
+        assert process.poll() is None and time.time() < deadline, process.stderr.read()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("effml: interrupted; rerun the same command to resume from ")
+    assert not list(tmp_path.rglob("metrics.json"))
+    finish(tmp_path, [])
+    assert list(tmp_path.rglob("metrics.json"))

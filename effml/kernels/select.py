@@ -71,6 +71,13 @@ def precision_dtype(precision: str) -> torch.dtype:
     return torch.float32
 
 
+def check_allowed(hardware: Any, name: str) -> None:
+    """Forcing a kernel never overrides the target's allow-list (``hardware.kernels``): one line."""
+    if name not in hardware.kernels:
+        raise EffmlError(f"hardware.selection=force: kernel {name} is not in hardware.kernels "
+                         f"({hardware.name} allows {', '.join(hardware.kernels) or 'none'})")
+
+
 def hardware_device(hardware: Any) -> torch.device:
     return torch.device("cuda" if hardware.accelerator == "gpu" else "cpu")
 
@@ -155,6 +162,7 @@ class KernelSelector:
         return kernel(name).unsupported(layer, self.device, self.dtype)
 
     def _forced(self, path: str, layer: nn.Linear, input_shape, name: str, shape: str) -> nn.Module:
+        check_allowed(self.hardware, name)
         why_not = kernel(name).unsupported(layer, self.device, self.dtype)
         if why_not:
             raise EffmlError(f"hardware.selection=force: kernel {name} cannot run for {path}: {why_not}")
