@@ -205,6 +205,8 @@ def recipe_problem(path: Path) -> str | None:
         return f"{path}: empty; a recipe sets at least its defaults"
     if not isinstance(node, dict):
         return f"{path}: a recipe is a mapping of fields (`key: value` lines), not a {type(node).__name__}"
+    if "hydra" in node:  # hydra.callbacks / job_logging name classes that Hydra instantiates: code from a file
+        return f"{path}: a recipe may not set hydra: options (they can run code); give them on the command line"
     return None
 
 

@@ -171,3 +171,18 @@ def test_a_loss_that_becomes_nan_stops_the_run_in_one_line_and_records_nothing_f
     code, _, err = effml(*RUN, "trainer.lr=1e30")
     one_line_error(code, err, "stage train: the training loss became nan at step ")
     assert not list((tmp_path / "outputs").rglob("end.pt")) and not list((tmp_path / "outputs").rglob("metrics.json"))
+
+
+def test_a_recipe_cannot_make_hydra_instantiate_a_class(effml, tmp_path, monkeypatch):
+    """A recipe applies at the top level, so `hydra.callbacks.x._target_` once ran code from a recipe
+    file in $EFFML_RECIPES when Hydra built its callbacks."""
+    sentinel = tmp_path / "payload-ran"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "sly.yaml").write_text("# @package _global_\nhydra:\n  callbacks:\n    x:\n"
+                                   f"      _target_: pathlib.Path.touch\n      self: {sentinel}\n")
+    monkeypatch.setenv("EFFML_RECIPES", str(mine))
+    code, _, err = effml("train", "recipe=sly")
+    one_line_error(code, err, "a recipe may not set hydra: options")
+    assert not sentinel.exists()
+
