@@ -35,13 +35,19 @@ class ClaimBase:
 
 
 @dataclass
-class ReachesClaim(ClaimBase):
+class RangedClaim(ClaimBase):
+    """A claim about the cells of ``series`` whose x lies in [``min_x``, ``max_x``] (None: open)."""
+
+    min_x: float | None = None
+    max_x: float | None = None
+
+
+@dataclass
+class ReachesClaim(RangedClaim):
     """Some cell of ``series`` in the x range reaches the reference cell's mean − ``tolerance``
     and/or × ``min_ratio``."""
 
     kind: ClassVar[str] = "reaches"
-    min_x: float | None = None
-    max_x: float | None = None
     reference: str | None = None  # default: the table's reference series
     reference_x: float | None = None  # default: the table's reference x
     tolerance: float | None = None
@@ -49,24 +55,20 @@ class ReachesClaim(ClaimBase):
 
 
 @dataclass
-class ExceedsClaim(ClaimBase):
+class ExceedsClaim(RangedClaim):
     """``series`` beats ``than`` by >= ``margin`` at the common x values, aggregated by ``at``."""
 
     kind: ClassVar[str] = "exceeds"
-    min_x: float | None = None
-    max_x: float | None = None
     than: str | None = None
     margin: float = 0.0
     at: str = "lowest_x"
 
 
 @dataclass
-class AboveClaim(ClaimBase):
+class AboveClaim(RangedClaim):
     """Some cell of ``series`` in the x range has a mean >= ``value``, a fixed bar (chance level)."""
 
     kind: ClassVar[str] = "above"
-    min_x: float | None = None
-    max_x: float | None = None
     value: float | None = None
 
 
