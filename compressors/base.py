@@ -105,11 +105,15 @@ class RunContext:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        """The autocast dtype of a mixed-precision run on the GPU (Lightning's bf16-mixed / 16-mixed)."""
-        precision = str(self.hardware.precision)
-        if self.device.type != "cuda" or not precision.endswith("-mixed"):
-            return None
-        return torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        return autocast_dtype(self.hardware, self.device)
+
+
+def autocast_dtype(hardware: Any, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a mixed-precision run on the GPU (Lightning's bf16-mixed / 16-mixed)."""
+    precision = str(getattr(hardware, "precision", "32-true"))
+    if device.type != "cuda" or not precision.endswith("-mixed"):
+        return None
+    return torch.bfloat16 if precision.startswith("bf16") else torch.float16
 
 
 @dataclass

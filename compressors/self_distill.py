@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from effml.compressors.base import Compressor, CompressorConfig, RunContext, Smoke
+from effml.compressors.base import Compressor, CompressorConfig, RunContext, Smoke, autocast_dtype
 from effml.errors import EffmlError
 from effml.registry import COMPRESSORS
 from effml.teachers import FeatureTap
@@ -305,14 +305,6 @@ def grid_search(out: ExitOutputs, costs: np.ndarray, budget: float, fallback: st
 
 
 # -- the compressor ----------------------------------------------------------------------------
-def autocast_dtype(hardware: Any, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a mixed-precision run on the GPU (Lightning's bf16-mixed / 16-mixed)."""
-    precision = str(getattr(hardware, "precision", "32-true"))
-    if device.type != "cuda" or not precision.endswith("-mixed"):
-        return None
-    return torch.bfloat16 if precision.startswith("bf16") else torch.float16
-
-
 @COMPRESSORS.register("self_distill", SelfDistillConfig)
 class SelfDistillation(Compressor):
     """Shallow classifiers at several depths learn from the deepest (Zhang et al., ICCV 2019 / TPAMI 2022)."""
