@@ -1,11 +1,13 @@
 """``effml train``: validate every job first (cli.compose), then hand the command line to Hydra,
-so ``-m`` sweeps, launchers, ``--cfg job`` and ``--help`` behave as Hydra users expect."""
+so ``-m`` sweeps, launchers, ``--cfg job`` and ``--help`` behave as Hydra users expect. A sweep runs
+every job and ends with a table of them and its exit code (cli.sweep)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+from effml.cli import sweep
 from effml.errors import EffmlError
 
 HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--version",
@@ -20,8 +22,9 @@ def train(args: list[str]) -> int:
     if not HYDRA_INFO_FLAGS.intersection(args):
         validate(args)
     sys.argv = ["effml train", *args]
+    sweep.start()
     hydra_app()
-    return 0
+    return sweep.finish()  # 0 for a single run, which exits from its job when it fails
 
 
 def validate(args: list[str]) -> None:
@@ -47,13 +50,13 @@ def hydra_app() -> None:
         from effml import runner
 
         hydra_cfg = HydraConfig.get()
-        multirun = hydra_cfg.mode == RunMode.MULTIRUN
-        group = f"{cfg.name}-{Path(hydra_cfg.sweep.dir).name}" if multirun else None
         try:
-            runner.run(cfg, group=group)
-        except EffmlError as e:
+            if hydra_cfg.mode == RunMode.MULTIRUN:  # every job runs; only Ctrl-C gets out of it
+                sweep.run_job(cfg, group=f"{cfg.name}-{Path(hydra_cfg.sweep.dir).name}")
+            else:
+                runner.run(cfg)
+        except EffmlError as e:  # a single run's error, or Ctrl-C in a sweep: one line, and stop
             print(f"{e.prefix}{e}", file=sys.stderr)
-            if not multirun:  # in a sweep, one failed job must not lose the others
-                raise SystemExit(e.exit_code) from None
+            raise SystemExit(e.exit_code) from None
 
     job()
