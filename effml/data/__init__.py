@@ -5,7 +5,8 @@ Contract every datamodule follows (the runner and the compressors rely on it):
 - ``info`` (a ``DataInfo``) is known after ``setup()``; ``setup`` is idempotent;
 - batches are dicts: ``labels`` plus the model's keyword inputs (``x`` for images,
   ``input_ids``/``attention_mask`` for text), so ``model(**inputs)`` returns logits;
-- the train loader shuffles with ``EpochSeededSampler`` so a resumed run sees the same order;
+- the train loader is a ``ResumableLoader`` shuffling with ``EpochSeededSampler``: a run resumed at an
+  epoch boundary or mid-epoch sees the batches an uninterrupted run sees;
 - ``example_inputs(batch_size)`` returns a batch of model inputs (no labels) for measurement.
 """
 
@@ -26,6 +27,6 @@ class DataInfo:
 
 
 # The shared building blocks, importable as ``effml.data.X`` (after DataInfo, which they use).
-from effml.data._base import DataConfig, EffmlDataModule, EpochSeededSampler  # noqa: E402
+from effml.data._base import DataConfig, EffmlDataModule, EpochSeededSampler, ResumableLoader  # noqa: E402
 
-__all__ = ["DataConfig", "DataInfo", "EffmlDataModule", "EpochSeededSampler"]
+__all__ = ["DataConfig", "DataInfo", "EffmlDataModule", "EpochSeededSampler", "ResumableLoader"]

@@ -1,4 +1,5 @@
-"""What every datamodule shares: the common config, the epoch-seeded sampler, the base class.
+"""What every datamodule shares: the common config, the epoch-seeded sampler, the resumable train
+loader, the base class.
 
 Splits are drawn with ``cfg.split_seed`` (part of the config, fixed by default), never with the
 run seed: changing ``seed=`` changes only the order the train split is visited in.
@@ -7,6 +8,7 @@ run seed: changing ``seed=`` changes only the order the train split is visited i
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,23 +61,78 @@ class EpochSeededSampler(Sampler[int]):
 
     Lightning calls ``set_epoch`` at the start of every epoch (also through its distributed
     wrapper), so a run resumed at an epoch boundary visits the data in exactly the order an
-    uninterrupted run does; no sampler state has to be checkpointed.
+    uninterrupted run does. Mid-epoch, :class:`ResumableLoader` sets ``start``: the next pass
+    leaves out that many examples of the epoch's order (those already trained on) and yields the rest.
     """
 
     def __init__(self, num_samples: int, seed: int = 0):
         self.num_samples = num_samples
         self.seed = seed
         self.epoch = 0
+        self.start = 0  # for the next pass only; the length stays the epoch's, as Lightning counts it
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        start, self.start = self.start, 0
+        return iter(torch.randperm(self.num_samples, generator=generator)[start:].tolist())
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableLoader(DataLoader):
+    """The train loader: a DataLoader that knows where in the epoch it is, so that a run killed
+    after a mid-epoch checkpoint (``trainer.checkpoint_every_n_steps``) resumes exactly there.
+
+    Lightning's fit loop saves the ``state_dict()`` of a train loader that has one (its ``_Stateful``
+    protocol) in every checkpoint (``loops.fit_loop.state_dict.combined_loader``) and, on resume,
+    passes it to ``load_state_dict`` before iterating the loader. The state is the epoch and the
+    number of its batches yielded so far. The order depends only on (seed, epoch), so the resumed pass
+    starts the sampler that many batches into the epoch's permutation (skipping examples without
+    loading them) and yields exactly the batches an uninterrupted run would see next.
+
+    - Batches are counted as they leave the loader, not in the sampler, because worker processes take
+      indices ahead. Lightning does not prefetch from a loader with a length, so at
+      ``on_train_batch_end``, where checkpoints are saved, the count is the batches trained on.
+    - A pass begins at its first batch (this ``__iter__`` is a generator), after Lightning's
+      ``set_epoch``. The underlying iterator (and its worker processes, which take indices at once) is
+      made only then, so even a pass resumed at a later epoch starts from that epoch's order.
+    - Worker seeds are drawn from the loader's own generator, reseeded every epoch, never from
+      torch's global RNG. A resumed run starts one pass more than an uninterrupted one, after its
+      checkpoint's RNG state has been restored; a draw from the global RNG there would shift every
+      later dropout mask and augmentation.
+    """
+
+    # class-level defaults: Lightning re-creates DataLoaders from their __init__ arguments
+    _epoch = 0  # the epoch of the current (or last) pass
+    _batches = 0  # batches of it yielded so far, counting those a resumed pass left out
+    _resume: tuple[int, int] | None = None  # (epoch, batches) of a checkpoint, until the next pass
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+
+    def __iter__(self):
+        sampler = self.sampler
+        epoch = getattr(sampler, "epoch", 0)
+        resume, self._resume = self._resume, None
+        skip = resume[1] if resume is not None and resume[0] == epoch else 0  # another epoch: it had ended
+        if skip and not isinstance(sampler, EpochSeededSampler):  # e.g. Lightning's distributed wrapper
+            warnings.warn(f"resuming mid-epoch with {type(sampler).__name__}, which cannot start mid-epoch: "
+                          "this epoch's remaining batches are drawn from its start", stacklevel=2)
+        elif skip:
+            sampler.start = skip * self.batch_size
+        if self.generator is not None and isinstance(sampler, EpochSeededSampler):
+            self.generator.manual_seed(sampler.seed * 100003 + epoch)
+        self._epoch, self._batches = epoch, skip
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
 
 
 class TensorDictDataset(Dataset):
@@ -168,10 +225,11 @@ class EffmlDataModule(L.LightningDataModule):
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         return torch.utils.data.default_collate(examples)
 
-    def _loader(self, split: str, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, sampler: Sampler | None = None,
+                loader: type[DataLoader] = DataLoader) -> DataLoader:
         self.setup()
         workers = self.cfg.num_workers
-        return DataLoader(
+        return loader(
             self.splits[split],
             batch_size=batch_size,
             sampler=sampler,
@@ -181,12 +239,15 @@ class EffmlDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
+            # worker seeds from a generator of the loader's own, not from torch's global RNG: a resumed
+            # run iterates its loaders at other points than an uninterrupted one (ResumableLoader)
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         self.setup()
         sampler = EpochSeededSampler(len(self.splits["train"]), seed=self.seed)
-        return self._loader("train", self.cfg.batch_size, sampler)
+        return self._loader("train", self.cfg.batch_size, sampler, loader=ResumableLoader)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.cfg.eval_batch_size)
