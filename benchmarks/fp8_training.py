@@ -251,10 +251,8 @@ def markdown(result: dict[str, Any]) -> str:
         "built directly where `apply` refuses, see the notes). A selected "
         "model with no fp8 layer is the dense model (1.00×, not timed). `compiled`: the same models under "
         "`torch.compile` (`hardware.compile=true`).", "",
-        "## Goal check (issue 25: ≥ 1.2× train step where kept, never slower as selected)", "",
+        *sb.goal_section("≥ 1.2× train step where kept, never slower as selected", result["meaningful"]),
     ]
-    if not result["meaningful"]:
-        lines += ["(not a GPU run: the numbers exercise the code, they are no measurement)", ""]
     for r in result["rows"]:
         for mode, g in r["goal"].items():
             lines.append(f"- {r['model']} {r['batch']}×{r['seq']} {mode}: selected {_x(g['selected_ratio'])} "
@@ -304,7 +302,7 @@ def write(out: Path, header: dict, rows: list[dict], started: float) -> Path:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sb.common_arguments(parser, RESULTS)
     parser.add_argument("--models", nargs="+", choices=list(SHAPES), default=None,
                         help="default: bert_base bert_large on CUDA, bert_tiny on CPU")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -312,13 +310,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="few rounds, no compile (CI)")
     parser.add_argument("--budget-s", type=float, default=480.0,
                         help="seconds for the whole run: compiling stops where it would run past them")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, device = sb.parse_arguments(parser, argv)
     started = time.perf_counter()
-    device = torch.device(args.device)
     gpu = device.type == "cuda"
     names = args.models or (["bert_base", "bert_large"] if gpu else ["bert_tiny"])
     dtype = torch.bfloat16 if gpu else None

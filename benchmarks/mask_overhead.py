@@ -261,10 +261,8 @@ def markdown(result: dict[str, Any]) -> str:
         "`apply_pruning`; its masks equal effml's (up to ties at the threshold: counted below each table). `ModelPruning (defaults)`: every weight and bias of every module. "
         "`in place (not effml)`: masks multiplied into the weights after each optimizer step, no hooks. `dense "
         "(again)`: a second dense copy: the noise floor. Learning rate 0: every variant multiplies the same values.", "",
-        "## Goal check (issue 25: effml's overhead ≤ 3% of a dense step and ≤ half of ModelPruning's)", "",
+        *sb.goal_section("effml's overhead ≤ 3% of a dense step and ≤ half of ModelPruning's", result["meaningful"]),
     ]
-    if not result["meaningful"]:
-        lines += ["(not a GPU run: the numbers exercise the code, they are no measurement)", ""]
     for r in result["rows"]:
         g = r["goal"]
         ratio = "n/a" if g["effml_over_modelpruning"] is None else f"{g['effml_over_modelpruning']:.2f}×"
@@ -299,17 +297,12 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sb.common_arguments(parser, RESULTS)
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--sparsity", type=float, default=SPARSITY)
     parser.add_argument("--quick", action="store_true", help="few rounds (CI)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, device = sb.parse_arguments(parser, argv)
     started = time.perf_counter()
-    device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else None
     preset = sb.hardware_preset(device)

@@ -28,10 +28,9 @@ Without CUDA (or with ``--model tiny``) a 2-layer hidden-192 BERT with 12 heads 
 4 x seq 32 in fp32: the code path, not a measurement.
 
 Needs torch, transformers and Lightning (what a GPU node has; plus PyYAML, a transformers
-dependency): of effml it imports ``effml.measure``, ``effml.kernels.hardware`` (preset detection,
-SDPA names), ``effml.models`` (BertClassifier, bert_surgery) and ``heads_kept`` from the EarlyBERT
-compressor, none of which imports Hydra, OmegaConf, datasets or wandb at module level. The hardware
-preset is read from its YAML with PyYAML, because effml's config schema imports Hydra.
+dependency): of effml it imports ``effml.measure``, ``effml.kernels.hardware`` (preset detection and
+reading, SDPA names), ``effml.models`` (BertClassifier, bert_surgery) and ``heads_kept`` from the
+EarlyBERT compressor, none of which imports Hydra, OmegaConf, datasets or wandb at module level.
 If ``effml`` is not installed, the checkout it lives in is used (its top-level folders are mapped
 into the ``effml`` package here, as pyproject's package-dir does). So on a GPU machine with torch and
 transformers, from the repository root:
@@ -51,7 +50,6 @@ import argparse
 import contextlib
 import copy
 import gc
-import importlib.util
 import json
 import math
 import platform
@@ -66,11 +64,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/_checkout.py, however this is run
-from _checkout import REPO, use_checkout  # noqa: E402
+from _checkout import use_checkout  # noqa: E402
 
 use_checkout()
 from effml import measure  # noqa: E402
 from effml.compressors.earlybert import heads_kept  # noqa: E402
+from effml.config import conf_dir  # noqa: E402
 from effml.kernels import hardware  # noqa: E402
 from effml.models import bert_surgery as surgery  # noqa: E402
 from effml.models.bert import BertClassifier  # noqa: E402
@@ -163,31 +162,16 @@ def make_inputs(shape: Shape, batch: int, seq: int, device: torch.device) -> tup
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}, labels.to(device)
 
 
-# -- the hardware preset, read without OmegaConf (PyYAML) -----------------------------------------------
+# -- the hardware preset: effml's own (effml.kernels.hardware.preset, no Hydra or OmegaConf) -----------
 def hardware_preset(device: torch.device) -> dict[str, Any]:
-    """The preset `hardware=auto` would pick here (effml.kernels.hardware.detect_preset), from its yaml."""
+    """The preset `hardware=auto` would pick here (effml.kernels.hardware.detect_preset)."""
     name = "cpu" if device.type != "cuda" else hardware.detect_preset()
-    name = None if name == "gpu_generic" else name
-    values: dict[str, Any] = {"name": name or "gpu (no preset)", "channel_multiple": 1,
-                              "sdpa_backends": ["flash", "efficient", "math"], "matmul_precision": "high"}
-    if name is None:
-        return values
-    for conf in (REPO / "conf", _package_conf()):
-        path = conf / "hardware" / f"{name}.yaml" if conf else None
-        if path and path.is_file():
-            import yaml
-
-            loaded = yaml.safe_load(path.read_text()) or {}
-            values |= {k: loaded[k] for k in ("channel_multiple", "sdpa_backends", "matmul_precision")
-                       if k in loaded}
-            values["source"] = str(path)
-            break
-    return values
-
-
-def _package_conf() -> Path | None:
-    spec = importlib.util.find_spec("effml.conf")
-    return Path(spec.origin).parent if spec and spec.origin else None
+    if name == "gpu_generic":
+        return {"name": "gpu (no preset)", "channel_multiple": 1, "sdpa_backends": ["flash", "efficient", "math"],
+                "matmul_precision": "high"}
+    preset = hardware.preset(name)
+    return {"name": name, "channel_multiple": preset.channel_multiple, "sdpa_backends": list(preset.sdpa_backends),
+            "matmul_precision": preset.matmul_precision, "source": str(conf_dir() / "hardware" / f"{name}.yaml")}
 
 
 @contextlib.contextmanager
@@ -313,6 +297,29 @@ def free(device: torch.device) -> None:
 # -- the benchmark -----------------------------------------------------------------------------------
 def log(message: str) -> None:
     print(message, flush=True)
+
+
+def common_arguments(parser: argparse.ArgumentParser, results: Path) -> None:
+    """--device, --threads and --out, as every GPU-claim benchmark takes them."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=results, help="results folder")
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
+    """The arguments (``common_arguments`` among them), with --threads applied, and the device."""
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args, torch.device(args.device)
+
+
+def goal_section(goal: str, meaningful: bool) -> list[str]:
+    """The goal-check heading of a results file, saying so when the numbers are no measurement."""
+    lines = [f"## Goal check (issue 25: {goal})", ""]
+    if not meaningful:
+        lines += ["(not a GPU run: the numbers exercise the code, they are no measurement)", ""]
+    return lines
 
 
 def run_group(dense: nn.Module, shape: Shape, level: float, multiples: list[int], batch: int, seq: int,

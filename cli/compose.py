@@ -15,17 +15,28 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
-from effml.config import conf_dir, recipe_files, recipe_problem, register_schemas
+from effml import choice
+from effml.config import (
+    GeneratedPreset,
+    conf_dir,
+    generated_presets,
+    recipe_files,
+    recipe_problem,
+    register_schemas,
+)
 from effml.errors import EffmlError, one_line
 
 GROUPS = ("model", "data", "compressor", "hardware", "trainer", "logger")
 
 
-def presets(group: str) -> dict[str, Path]:
-    """Option name → file for a config group (recipes come from recipes/)."""
+def presets(group: str) -> dict[str, Path | GeneratedPreset]:
+    """Option name → its file in conf/<group>/, or the preset made from a registered config
+    (``effml.config.generated_presets``, whose ``read_text()`` is the file it stands for); recipes come
+    from recipes/ and ``$EFFML_RECIPES``."""
     if group == "recipe":
         return recipe_files()
-    return {p.stem: p for p in sorted((conf_dir() / group).glob("*.yaml"))}
+    files = {p.stem: p for p in (conf_dir() / group).glob("*.yaml")}
+    return dict(sorted((generated_presets(group) | files).items()))
 
 
 def check_choices(overrides: list[str]) -> None:
@@ -53,7 +64,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
     except EffmlError:
         raise
     except Exception as e:  # Hydra/OmegaConf composition errors: one line, field named
-        raise EffmlError(one_line(e)) from None
+        raise EffmlError(choice.explain(e) or one_line(e)) from None
     finally:
         GlobalHydra.instance().clear()
 

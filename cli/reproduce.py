@@ -7,7 +7,7 @@ need the base series' finished runs), runs as one ``effml train -m`` subprocess 
 streams to the console. ``effml train`` skips runs that have a metrics.json, so a rerun only does
 what is missing; a failed job never stops the others, its cell just shows as missing.
 
-Results are found where the runs put them: ``runner.plan(cfg).run_dir / "metrics.json"`` for the
+Results are found where the runs put them: ``runner.plan(cfg).run_dir.metrics`` for the
 composed config of each job (``effml train -m`` exits 0 even when a job failed, so the file is the
 only evidence). The table, the claims and a plot go to ``<output_root>/tables/TABLE/``.
 
@@ -39,6 +39,7 @@ from rich.text import Text
 
 from effml import tables
 from effml.errors import EffmlError
+from effml.paths import RunDir
 from effml.tables import Missing, Outcome, Point, Series, TableSpec
 
 USAGE = """usage: effml reproduce TABLE [--seeds 0,1,2] [--dry-run | --report] [override ...]
@@ -71,11 +72,11 @@ class Job:
 
     series: str
     seed: int
-    run_dir: Path
+    run_dir: RunDir
 
     @property
     def metrics(self) -> Path:
-        return self.run_dir / "metrics.json"
+        return self.run_dir.metrics
 
 
 @dataclass
@@ -239,7 +240,7 @@ def run_streaming(plan: SeriesPlan, progress: Progress, task) -> int:
                           bufsize=1, env=env) as child:
         for line in child.stdout:
             progress.console.out(line.rstrip("\n"), highlight=False)
-            done = [job for job in pending if str(job.run_dir) in line and job.metrics.exists()]
+            done = [job for job in pending if str(job.run_dir.path) in line and job.metrics.exists()]
             if done:
                 pending = [job for job in pending if job not in done]
                 progress.advance(task, len(done))

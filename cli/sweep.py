@@ -77,7 +77,7 @@ def outcome(cfg, group: str) -> tuple[str, str, int]:
         finished_already = run_dir.finished  # metrics.json: runner.run will only say so
         runner.run(cfg, group=group)
         if finished_already:
-            return "skipped", f"finished already: {run_dir}", 0
+            return "skipped", str(run_dir), 0  # runner.run said "finished already" and where
         return "finished", str(run_dir), 0
     except Interrupted:
         raise

@@ -14,9 +14,11 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from effml.choice import choice
 from effml.errors import EffmlError
 
 LAYER_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d}
+Scope = choice("Scope", "layerwise global")  # a sparsity per layer, or one ranking over all layers
 
 
 def matches(name: str, patterns: list[str]) -> bool:
@@ -44,6 +46,23 @@ def mask_layers(model: nn.Module, layer_types: list[str], skip: list[str], metho
 def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
     module.weight_mask.copy_(mask)
     module.weight = module.weight_orig * module.weight_mask  # refresh the cached product now
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The weight the forward uses (weight_orig * weight_mask while masked), never a stale cache."""
+    if hasattr(module, "weight_orig"):
+        return module.weight_orig.detach() * module.weight_mask
+    return module.weight.detach()
+
+
+@torch.no_grad()
+def refresh_masked_weights(model: nn.Module) -> None:
+    """Recompute ``weight`` of every masked layer from ``weight_orig * weight_mask``. The prune hook
+    does it only at the next forward, so after ``load_state_dict`` the attribute still holds the
+    product of the weights before: a one-shot prune of a resumed run ranked the initial weights."""
+    for module in model.modules():
+        if hasattr(module, "weight_orig") and hasattr(module, "weight_mask"):
+            module.weight = module.weight_orig * module.weight_mask
 
 
 def make_permanent(layers: dict[str, nn.Module]) -> None:

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effml.choice import check_choices, choice
 from effml.compressors._masks import LAYER_TYPES, matches
 from effml.compressors.base import Compressor, CompressorConfig, RunContext
 from effml.errors import EffmlError
@@ -57,7 +58,7 @@ from effml.kernels.names import QUANTIZED
 from effml.kernels.select import check_allowed, convert_linears, hardware_device, precision_dtype, set_module
 from effml.teachers import TrainedWeightsConfig, load_weights, trained_state
 
-OBSERVERS = ("minmax", "percentile", "mse")
+Observer = choice("Observer", "minmax percentile mse")  # how a tensor's range is found (see the observers below)
 MIN_BITS, MAX_BITS = 2, 16
 EPS = torch.finfo(torch.float32).eps  # the smallest scale: an all-zero range quantizes to exact zeros
 MSE_FRACTIONS = torch.linspace(1.0, 0.01, 100)  # α searched by the mse observer, widest first (ties keep it)
@@ -67,11 +68,6 @@ MSE_SAMPLE = 1 << 16  # values per channel the mse search scores (a strided samp
 def check_bits(field: str, bits: int) -> None:
     if not MIN_BITS <= bits <= MAX_BITS:
         raise EffmlError(f"{field} must be in [{MIN_BITS}, {MAX_BITS}] bits; got {bits}")
-
-
-def check_observer(field: str, observer: str) -> None:
-    if observer not in OBSERVERS:
-        raise EffmlError(f"{field} must be one of {', '.join(OBSERVERS)}; got {observer!r}")
 
 
 # -- the grid ------------------------------------------------------------------------------------
@@ -288,7 +284,7 @@ def observer_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 # -- what the ptq and qat compressors share ------------------------------------------------------
-KERNEL_CHOICES = (*QUANTIZED, "none")
+QuantKernel = choice("QuantKernel", (*QUANTIZED, "none"))  # the real kernel finalize tries, or none
 @dataclass
 class QuantConfig(CompressorConfig):
     """Fields ptq and qat share; the defaults are the common int8 setting (W8A8)."""
@@ -298,26 +294,24 @@ class QuantConfig(CompressorConfig):
     layer_bits: dict[str, int] = field(default_factory=dict)
     per_channel: bool = True  # weights: one scale per output channel
     symmetric: bool = True  # weights: zero point 0, restricted signed range
-    weight_observer: str = "minmax"  # minmax | percentile | mse
+    weight_observer: Observer = Observer.minmax
     activations: bool = True  # also fake-quantize each quantized layer's input (false: weight-only)
     activation_bits: int = 8
     activation_symmetric: bool = False  # asymmetric (uint8): a layer's input after GELU/ReLU is skewed
     percentile: float = 99.99  # the percentile observer's clipping point
     layer_types: list[str] = field(default_factory=lambda: ["Linear", "Conv1d", "Conv2d"])
     skip: list[str] = field(default_factory=lambda: ["classifier"])  # the output layer stays in full precision
-    kernel: str = "int8_dynamic"  # the real kernel finalize tries on quantized Linears (hardware selects), or none
+    kernel: QuantKernel = QuantKernel.int8_dynamic  # tried on quantized Linears at finalize (hardware selects)
     weights: TrainedWeightsConfig = field(default_factory=TrainedWeightsConfig)
 
     def __post_init__(self):
+        check_choices(self, "compressor")
         check_bits("compressor.bits", self.bits)
         check_bits("compressor.activation_bits", self.activation_bits)
         for pattern, bits in self.layer_bits.items():
             check_bits(f"compressor.layer_bits[{pattern!r}]", bits)
-        check_observer("compressor.weight_observer", self.weight_observer)
         if not 50 < self.percentile <= 100:
             raise EffmlError(f"compressor.percentile must be in (50, 100]; got {self.percentile}")
-        if self.kernel not in KERNEL_CHOICES:
-            raise EffmlError(f"compressor.kernel must be one of {', '.join(KERNEL_CHOICES)}; got {self.kernel!r}")
         unknown = set(self.layer_types) - set(LAYER_TYPES)
         if unknown:
             raise EffmlError(f"compressor.layer_types: unknown {sorted(unknown)}; choose from {sorted(LAYER_TYPES)}")
@@ -351,7 +345,7 @@ class Quantizer(Compressor):
     def prepare(self, ctx: RunContext, datamodule) -> None:
         self.datamodule = datamodule
         self.example_inputs = datamodule.example_inputs(ctx.measure.batch_size)
-        self.check_forced_kernel(ctx.hardware)
+        self.check_kernel(ctx.hardware)
         if self.cfg.weights.source != "none":
             self.load_trained(ctx, datamodule)
 
@@ -410,12 +404,15 @@ class Quantizer(Compressor):
         state = plain_keys_to_wrapped(state, self.layers)
         load_weights(self.model, {**observer_state(self.model), **state}, where, "trained model")
 
-    def check_forced_kernel(self, hardware) -> None:
-        """Under ``hardware.selection=force`` the kernel must run on every quantized Linear: one line
-        now, before any training, rather than at finalize."""
-        if self.cfg.kernel == "none" or hardware.selection != "force":
+    def check_kernel(self, hardware) -> None:
+        """The kernel asked for must be on the target's allow-list in every selection mode, and under
+        ``hardware.selection=force`` run on every quantized Linear: one line now, before any training,
+        rather than at finalize."""
+        if self.cfg.kernel == "none":
             return
         check_allowed(hardware, self.cfg.kernel)
+        if hardware.selection != "force":
+            return
         device, dtype = hardware_device(hardware), precision_dtype(hardware.precision)
         for path, layer in self.targets.items():
             why_not = isinstance(layer, nn.Linear) and kernel(self.cfg.kernel).unsupported(layer, device, dtype)

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from effml.errors import EffmlError
+from effml.paths import RunDir
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class RunContext:
 
     name: str  # the recipe's
     seed: int
-    run_dir: Path
+    run_dir: RunDir
     output_root: Path
     hardware: Any
     model: Any

@@ -74,6 +74,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from effml.choice import check_choices, choice
 from effml.compressors._masks import make_permanent, set_mask
 from effml.compressors.base import (
     CompressorConfig,
@@ -88,19 +89,22 @@ from effml.models import bert_surgery as surgery
 from effml.registry import COMPRESSORS
 
 log = logging.getLogger("effml")
-MODES = ("s", "m")
-SUBNETWORKS = ("good", "random", "bad")
-SEARCH_DATA = ("val", "train")
-RANDOM_SCOPES = ("global", "layerwise")
+Mode = choice("Mode", "s m")  # s: heads + whole MLPs by Michel importance; m: global magnitude of encoder weights
+Subnetwork = choice("Subnetwork", "good random bad")  # what retrain fine-tunes (random and bad: good's size)
+SearchData = choice("SearchData", "val train")  # val: the paper's dev set; train: as many training examples
+RandomScope = choice("RandomScope", "global layerwise")  # random subnetwork: global (paper) or good's heads per layer
 ENCODER_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
                    "attention.output.dense", "intermediate.dense", "output.dense")
 
 
 @dataclass
 class BertLotteryConfig(CompressorConfig):
+    """BERT lottery (Prasanna et al., EMNLP 2020): good/random/bad subnetworks by S- (heads + MLPs) or
+    M-pruning."""
+
     name: str = "bert_lottery"
-    mode: str = "s"  # s: heads + whole MLPs by Michel importance | m: global magnitude of encoder weights
-    subnetwork: str = "good"  # what retrain fine-tunes: good | random | bad (same size as good)
+    mode: Mode = Mode.s
+    subnetwork: Subnetwork = Subnetwork.good
     threshold: float = 0.9  # stop once accuracy < threshold × the full fine-tuned model's (paper: 90%)
     head_fraction: float = 0.1  # S: heads removed per step, a fraction of all heads (paper: 10%)
     mlps_per_step: int = 1  # S: whole MLPs removed per step (paper: one)
@@ -108,17 +112,14 @@ class BertLotteryConfig(CompressorConfig):
     weight_fraction: float = 0.1  # M: of the surviving encoder weights per step (paper: 10%)
     max_steps: int | None = None  # pruning steps at most (None: until the threshold; official M code: 10)
     normalize_heads: bool = True  # head importance / its L2 norm within the layer (Michel §4.2)
-    search_data: str = "val"  # val (the paper's dev set) | train (as many training examples as val has)
+    search_data: SearchData = SearchData.val
     search_batches: int | None = None  # batches of search data per step (None: all)
-    random_scope: str = "global"  # random subnetwork: global (paper) | layerwise (good's heads per layer)
+    random_scope: RandomScope = RandomScope["global"]
     finetune_epochs: int | None = None  # None: trainer.max_epochs
     retrain_epochs: int | None = None  # None: trainer.max_epochs
 
     def __post_init__(self):
-        for name, choices in (("mode", MODES), ("subnetwork", SUBNETWORKS), ("search_data", SEARCH_DATA),
-                              ("random_scope", RANDOM_SCOPES)):
-            if getattr(self, name) not in choices:
-                raise EffmlError(f"compressor.{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
+        check_choices(self, "compressor")
         for name in ("threshold", "head_fraction", "weight_fraction"):
             if not 0 < getattr(self, name) < 1:
                 raise EffmlError(f"compressor.{name} must be in (0, 1); got {getattr(self, name)}")
@@ -307,7 +308,7 @@ class BertLottery(StructuredCompressor):
 
     def prepare(self, ctx: RunContext, datamodule) -> None:
         self.datamodule, self.hardware = datamodule, ctx.hardware
-        self.export_dir = ctx.run_dir / "model"
+        self.export_dir = ctx.run_dir.export
         if getattr(datamodule.info, "modality", None) != "text":
             raise EffmlError(f"compressor {self.name} needs text data (e.g. data=rotten_tomatoes)")
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effml.choice import check_choices, choice
 from effml.compressors._distill import DistillConfig, Distiller, soft_kl, without_labels
 from effml.compressors.base import RunContext, Smoke
 from effml.errors import EffmlError
@@ -44,28 +45,30 @@ from effml.registry import COMPRESSORS
 from effml.teachers import FeatureTap
 
 PAPER_ALPHA = {"hard": 0.5, "soft": 0.1}  # §4: ½ CE + ½ CE; soft: λ = 0.1
+Distillation = choice("Distillation", PAPER_ALPHA)  # hard: the teacher's argmax; soft: KL at temperature τ
+Inference = choice("Inference", INFERENCE)  # eval output: softmax (paper), logits (official code), class, distillation
 
 
 @dataclass
 class DeiTConfig(DistillConfig):
+    """DeiT (Touvron et al. 2021): distillation token on a ViT student, hard teacher labels (½ CE + ½ CE);
+    set compressor.teacher."""
+
     name: str = "deit"
-    distillation: str = "hard"  # hard (teacher's argmax) | soft (KL at temperature τ)
+    distillation: Distillation = Distillation.hard
     alpha: float | None = None  # weight of the distillation term; None: the paper's (hard ½, soft 0.1)
     temperature: float = 3.0  # τ of the soft term (paper: 3)
     label_smoothing: float = 0.0  # ε on the teacher's hard labels (0: the official code)
     token: bool = True  # a distillation token and head (False: distill into the class head)
-    inference: str = "softmax"  # eval output: softmax (paper) | logits (official code) | class | distillation
+    inference: Inference = Inference.softmax
 
     def __post_init__(self):
         super().__post_init__()
-        if self.distillation not in PAPER_ALPHA:
-            raise EffmlError(f"compressor.distillation must be one of hard, soft; got {self.distillation!r}")
+        check_choices(self, "compressor")
         if self.alpha is not None and not 0 <= self.alpha <= 1:
             raise EffmlError(f"compressor.alpha must be in [0, 1]; got {self.alpha}")
         if not 0 <= self.label_smoothing < 1:
             raise EffmlError(f"compressor.label_smoothing must be in [0, 1); got {self.label_smoothing}")
-        if self.inference not in INFERENCE:
-            raise EffmlError(f"compressor.inference must be one of {', '.join(INFERENCE)}; got {self.inference!r}")
         if not self.token and self.inference != "softmax":
             raise EffmlError("compressor.inference needs the distillation token (compressor.token=true)")
 

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from effml.choice import check_choices, choice
 from effml.compressors.base import (
     CompressorConfig,
     RunContext,
@@ -48,12 +49,15 @@ from effml.errors import EffmlError
 from effml.models import bert_surgery as surgery
 from effml.registry import COMPRESSORS
 
-TICKETS = ("searched", "random")
-WEIGHTS = ("pretrained", "searched")
+TicketKind = choice("TicketKind", "searched random")  # random: the same per-layer counts, random heads/neurons
+TicketWeights = choice("TicketWeights", "pretrained searched")  # the ticket starts from θ0, or with c folded in
 
 
 @dataclass
 class EarlyBERTConfig(CompressorConfig):
+    """EarlyBERT (Chen et al., ACL 2021): early-bird structured tickets (heads + FFN neurons), trained
+    physically smaller."""
+
     name: str = "earlybert"
     head_fraction: float = 0.333  # heads pruned in every layer (paper: 4 of 12); ≥ 1 head is kept
     ffn_fraction: float = 0.4  # FFN neurons pruned, ranked globally (paper: 40%)
@@ -63,12 +67,13 @@ class EarlyBERTConfig(CompressorConfig):
     check_every: int = 20  # steps between two recorded masks
     threshold: float = 0.1  # early bird: mask distance below this …
     window: int = 5  # … between the newest mask and each of the window − 1 before it
-    ticket: str = "searched"  # searched | random (same per-layer counts, random heads/neurons)
-    weights: str = "pretrained"  # the ticket starts from: pretrained (θ0) | searched (c folded in)
+    ticket: TicketKind = TicketKind.searched
+    weights: TicketWeights = TicketWeights.pretrained
     ticket_epochs: int | None = None  # None: trainer.max_epochs
     ticket_lr_scale: float = 1.0  # the ticket's learning rate = trainer.lr × this
 
     def __post_init__(self):
+        check_choices(self, "compressor")
         if not 0 <= self.head_fraction < 1:
             raise EffmlError(f"compressor.head_fraction must be in [0, 1); got {self.head_fraction}")
         if not 0 <= self.ffn_fraction < 1:
@@ -86,9 +91,6 @@ class EarlyBERTConfig(CompressorConfig):
             raise EffmlError(f"compressor.threshold must be in (0, 1]; got {self.threshold}")
         if self.ticket_lr_scale <= 0:
             raise EffmlError(f"compressor.ticket_lr_scale must be > 0; got {self.ticket_lr_scale}")
-        for name, choices in (("ticket", TICKETS), ("weights", WEIGHTS)):
-            if getattr(self, name) not in choices:
-                raise EffmlError(f"compressor.{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -136,7 +138,7 @@ class EarlyBERT(StructuredCompressor):
 
     def prepare(self, ctx: RunContext, datamodule) -> None:
         self.channel_multiple = ctx.hardware.channel_multiple
-        self.export_dir = ctx.run_dir / "model"
+        self.export_dir = ctx.run_dir.export
         self.model_cfg = ctx.model
 
     def loss(self, task, batch: dict, logits: Tensor) -> Tensor | None:

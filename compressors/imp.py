@@ -44,32 +44,37 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from effml import safe_load
-from effml.compressors._masks import LAYER_TYPES, make_permanent, mask_layers, matches, set_mask
+from effml.choice import check_choices, choice
+from effml.compressors._masks import LAYER_TYPES, Scope, make_permanent, mask_layers, matches, set_mask
 from effml.compressors.base import Compressor, CompressorConfig, RunContext, Smoke, Stage
 from effml.errors import EffmlError
+from effml.paths import RunDir, runs_of
 from effml.registry import COMPRESSORS
 
-CONTROLS = ("none", "reinit", "random_prune", "shuffle")
+Control = choice("Control", "none reinit random_prune shuffle")  # masks of the base run (control=none)
 
 
 @dataclass
 class IMPConfig(CompressorConfig):
+    """Lottery tickets: iterative magnitude pruning with rewinding (Frankle & Carbin 2019) and its controls."""
+
     name: str = "imp"
     levels: int = 5  # pruning levels after the dense level 0
     prune_fraction: float = 0.2  # of the surviving weights per level; fully connected layers (paper: 20%)
     conv_fraction: float | None = None  # conv layers (paper: 10% Conv-2, 15% Conv-4/6); None: prune_fraction
     output_fraction: float | None = None  # the output layer; None: half of prune_fraction (paper); 0: dense
     output_layer: str = "classifier"  # module-name pattern of the output layer
-    scope: str = "layerwise"  # layerwise | global (one ranking over every layer but the output)
+    scope: Scope = Scope.layerwise  # global: one ranking over every layer but the output
     oneshot: bool = False  # prune straight to the last level's sparsity after level 0
     rewind: str = "init"  # init | step:N | epoch:N (rewind to θ_N of level 0) | none (fine-tune)
-    control: str = "none"  # none | reinit | random_prune | shuffle: masks from the base run
+    control: Control = Control.none  # reinit | random_prune | shuffle: the base run's masks
     ticket_from: str | None = None  # reuse these masks: a run dir, or recipe[/hash] under output_root
     level_epochs: int | None = None  # epochs per level (None: trainer.max_epochs)
     layer_types: list[str] = field(default_factory=lambda: ["Linear", "Conv1d", "Conv2d"])
     skip: list[str] = field(default_factory=list)  # module-name patterns never pruned (e.g. pooler)
 
     def __post_init__(self):
+        check_choices(self, "compressor")
         if not 0 < self.prune_fraction < 1:
             raise EffmlError(f"compressor.prune_fraction must be in (0, 1); got {self.prune_fraction}")
         for name in ("conv_fraction", "output_fraction"):
@@ -78,10 +83,6 @@ class IMPConfig(CompressorConfig):
                 raise EffmlError(f"compressor.{name} must be in [0, 1); got {value}")
         if self.levels < 1:
             raise EffmlError(f"compressor.levels must be >= 1; got {self.levels}")
-        if self.scope not in ("layerwise", "global"):
-            raise EffmlError(f"compressor.scope must be layerwise or global; got {self.scope!r}")
-        if self.control not in CONTROLS:
-            raise EffmlError(f"compressor.control must be one of {', '.join(CONTROLS)}; got {self.control!r}")
         if self.level_epochs is not None and self.level_epochs < 1:
             raise EffmlError(f"compressor.level_epochs must be >= 1; got {self.level_epochs}")
         parse_rewind(self.rewind)
@@ -174,7 +175,7 @@ class IterativeMagnitudePruning(Compressor):
         self.rewind_weights: dict[str, torch.Tensor] | None = None  # θ0, or θ_N once level 0 reaches N
         self.reinit_weights: dict[str, torch.Tensor] = {}  # control=reinit: another random draw
         self.control_seed = 0
-        self.source: Path | None = None  # the run whose masks this one reuses
+        self.source: RunDir | None = None  # the run whose masks this one reuses
         self.history: list[dict[str, Any]] = []  # one entry per finished level
         self.current: dict[str, Any] = {}  # the level in progress
 
@@ -385,7 +386,7 @@ class IterativeMagnitudePruning(Compressor):
             return self.cfg.conv_fraction
         return self.cfg.prune_fraction
 
-    def _find_source(self, ctx: RunContext) -> Path:
+    def _find_source(self, ctx: RunContext) -> RunDir:
         """The run whose masks this run reuses; every level it needs must be finished there."""
         from effml import identity
 
@@ -403,36 +404,35 @@ class IterativeMagnitudePruning(Compressor):
         return source
 
 
-def level_end(run_dir: Path, level: int) -> Path | None:
+def level_end(run: RunDir, level: int) -> Path | None:
     """The ``end.pt`` of a finished IMP level of a run (its stage index depends on the run's levels)."""
-    return next(iter(sorted((run_dir / "stages").glob(f"*_level_{level:02d}/end.pt"))), None)
+    return run.stage_end(f"level_{level:02d}")
 
 
-def resolve_run(spec: str, output_root: Path, seed: int) -> Path:
+def resolve_run(spec: str, output_root: Path, seed: int) -> RunDir:
     """A run directory from ``path/to/seed_N``, a ``<recipe>/<hash>`` folder, or a recipe name: its one
     run under ``output_root`` that found its own ticket (no control, no ticket_from; this run's seed)."""
     path = Path(spec)
     for candidate in (path, output_root / path):
         if candidate.name.startswith("seed_") and candidate.is_dir():
-            return candidate
+            return RunDir(candidate)
         if (candidate / f"seed_{seed}").is_dir():
-            return candidate / f"seed_{seed}"
-    runs = [run for run in sorted((output_root / spec).glob(f"*/seed_{seed}")) if finds_own_ticket(run)]
+            return RunDir(candidate / f"seed_{seed}")
+    runs = runs_of(output_root, spec, seed, where=finds_own_ticket)
     if len(runs) == 1:
         return runs[0]
     if not runs:
         raise EffmlError(f"ticket source '{spec}' not found (no run dir, nor an IMP run in {output_root / spec})")
-    choices = ", ".join(str(r.parent.relative_to(output_root)) for r in runs)
+    choices = ", ".join(f"{r.recipe}/{r.hash}" for r in runs)
     raise EffmlError(f"ticket source '{spec}' is ambiguous; name one of: {choices}")
 
 
-def finds_own_ticket(run_dir: Path) -> bool:
+def finds_own_ticket(run: RunDir) -> bool:
     from omegaconf import OmegaConf
 
-    config = run_dir / "config.yaml"
-    if not config.exists():
+    if not run.config.exists():
         return False
-    compressor = OmegaConf.load(config).get("compressor", {})
+    compressor = OmegaConf.load(run.config).get("compressor", {})
     return compressor.get("name") == "imp" and compressor.get("control") == "none" and not compressor.get("ticket_from")
 
 

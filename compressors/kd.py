@@ -27,6 +27,8 @@ from effml.registry import COMPRESSORS
 
 @dataclass
 class KDConfig(DistillConfig):
+    """Knowledge distillation (Hinton et al. 2015): soft targets at T=4, α=0.9; set compressor.teacher."""
+
     name: str = "kd"
     alpha: float = 0.9  # weight of the soft (teacher) term; the hard term gets 1 − α
 

@@ -23,18 +23,31 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from effml.compressors._masks import LAYER_TYPES, make_permanent, mask_layers, set_mask
+from effml.choice import check_choices, choice
+from effml.compressors._masks import (
+    LAYER_TYPES,
+    Scope,
+    effective_weight,
+    make_permanent,
+    mask_layers,
+    set_mask,
+)
 from effml.compressors.base import Compressor, CompressorConfig, Smoke, Stage
 from effml.errors import EffmlError
 from effml.registry import COMPRESSORS
 
+Schedule = choice("Schedule", "gradual oneshot")  # gradual: Zhu & Gupta's cubic; oneshot: train, prune, fine-tune
+
 
 @dataclass
 class MagnitudeConfig(CompressorConfig):
+    """Unstructured magnitude pruning to 90% sparsity with Zhu & Gupta's gradual cubic schedule, output
+    layer dense."""
+
     name: str = "magnitude"
     sparsity: float = 0.9  # s_f: final fraction of zeros in the targeted layers
-    scope: str = "layerwise"  # layerwise | global
-    schedule: str = "gradual"  # gradual (Zhu & Gupta cubic) | oneshot (train, prune, fine-tune)
+    scope: Scope = Scope.layerwise
+    schedule: Schedule = Schedule.gradual
     initial_sparsity: float = 0.0  # s_i
     start_fraction: float = 0.0  # t0, as a fraction of the stage's optimizer steps
     end_fraction: float = 0.75  # t0 + nΔt, likewise; the rest of training recovers accuracy
@@ -44,16 +57,13 @@ class MagnitudeConfig(CompressorConfig):
     skip: list[str] = field(default_factory=lambda: ["classifier"])  # module-name patterns left dense
 
     def __post_init__(self):
+        check_choices(self, "compressor")
         if not 0 <= self.sparsity < 1:
             raise EffmlError(f"compressor.sparsity must be in [0, 1); got {self.sparsity}")
         if not 0 <= self.initial_sparsity <= self.sparsity:
             raise EffmlError(
                 f"compressor.initial_sparsity must be in [0, sparsity={self.sparsity}]; got {self.initial_sparsity}"
             )
-        if self.scope not in ("layerwise", "global"):
-            raise EffmlError(f"compressor.scope must be layerwise or global; got {self.scope!r}")
-        if self.schedule not in ("gradual", "oneshot"):
-            raise EffmlError(f"compressor.schedule must be gradual or oneshot; got {self.schedule!r}")
         if not 0 <= self.start_fraction < self.end_fraction <= 1:
             raise EffmlError(
                 "compressor.start_fraction < end_fraction must both lie in [0, 1]; "
@@ -174,7 +184,7 @@ class MagnitudePruning(Compressor):
     @torch.no_grad()
     def prune_to(self, sparsity: float) -> None:
         modules = list(self.layers.values())
-        masks = keep_masks([m.weight for m in modules], sparsity, self.cfg.scope)
+        masks = keep_masks([effective_weight(m) for m in modules], sparsity, self.cfg.scope)
         for module, mask in zip(modules, masks, strict=True):
             set_mask(module, mask)
         self.current_sparsity = sparsity

@@ -37,6 +37,9 @@ from effml.registry import COMPRESSORS
 
 @dataclass
 class NastyTeacherConfig(DistillConfig):
+    """Nasty teacher (Ma et al., ICLR 2021, Eq. 2): CE − ω·τ²·KL(nasty ‖ adversary) with the paper's
+    CIFAR-10 ω=0.04, τ=4; the adversary (a normally trained network) is compressor.teacher."""
+
     name: str = "nasty_teacher"
     omega: float = 0.04  # ω: weight of the adversarial KL (paper/code CIFAR-10: 0.04; CIFAR-100: 0.005)
     temperature: float = 4.0  # τ_A of Eq. 2 (CIFAR-10: 4; CIFAR-100: 20)

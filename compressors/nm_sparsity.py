@@ -40,18 +40,19 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from effml.compressors._masks import LAYER_TYPES, make_permanent, matches, set_mask
+from effml.choice import check_choices, choice
+from effml.compressors._masks import LAYER_TYPES, effective_weight, make_permanent, matches, set_mask
 from effml.compressors.base import Compressor, CompressorConfig, RunContext, Smoke, Stage
 from effml.errors import EffmlError
 from effml.kernels.library import kernel
 from effml.kernels.names import SPARSE_2TO4
 from effml.kernels.select import Decision, check_allowed, convert_linears, hardware_device, precision_dtype
+from effml.paths import RunDir
 from effml.registry import COMPRESSORS
 from effml.teachers import TrainedWeightsConfig, load_weights, trained_state
 
@@ -61,12 +62,19 @@ BY_PATTERN = "matches compressor.skip"
 WHO = "dense model"  # how errors about the weights source name it
 
 
+Schedule = choice("Schedule", "oneshot gradual")  # oneshot: ASP, prune a trained model and retrain; gradual: (M-1):M … N:M
+
+
 @dataclass
 class NMConfig(CompressorConfig):
+    """N:M structured sparsity (Mishra et al. 2021, NVIDIA ASP): 2:4 along the input dimension, one-shot
+    prune of a trained dense model (set compressor.weights, or it trains dense first), retrain with the
+    masks; classifier dense."""
+
     name: str = "nm_sparsity"
     n: int = 2  # weights kept in every group
     m: int = 4  # group size along the input dimension (2:4 is what sparse tensor cores run)
-    schedule: str = "oneshot"  # oneshot (ASP: prune a trained model, retrain) | gradual ((M-1):M ... N:M)
+    schedule: Schedule = Schedule.oneshot
     weights: TrainedWeightsConfig = field(default_factory=TrainedWeightsConfig)  # the trained dense model
     dense_epochs: int | None = None  # oneshot without weights: the dense stage (None: trainer.max_epochs)
     sparse_epochs: int | None = None  # the stage with masks (None: trainer.max_epochs, ASP's "same schedule")
@@ -77,12 +85,11 @@ class NMConfig(CompressorConfig):
     skip: list[str] = field(default_factory=lambda: ["classifier"])  # module-name patterns left dense
 
     def __post_init__(self):
+        check_choices(self, "compressor")
         if not 1 <= self.n < self.m:
             raise EffmlError(
                 f"compressor.n must satisfy 1 <= n < m (keep n of every m weights); got n={self.n}, m={self.m}"
             )
-        if self.schedule not in ("oneshot", "gradual"):
-            raise EffmlError(f"compressor.schedule must be oneshot or gradual; got {self.schedule!r}")
         for name in ("dense_epochs", "sparse_epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise EffmlError(f"compressor.{name} must be >= 1; got {getattr(self, name)}")
@@ -132,13 +139,6 @@ def scheduled_n(step: int, t0: int, t_end: int, n: int, m: int) -> int:
     if steps_after_first == 0 or step >= t_end:
         return n
     return m - 1 - (step - t0) * steps_after_first // (t_end - t0)
-
-
-def effective_weight(module: nn.Module) -> torch.Tensor:
-    """The weight the forward uses (weight_orig * weight_mask while masked), never a stale cache."""
-    if hasattr(module, "weight_orig"):
-        return module.weight_orig.detach() * module.weight_mask
-    return module.weight.detach()
 
 
 def select_layers(model: nn.Module, layer_types: list[str], skip: list[str], m: int
@@ -386,6 +386,5 @@ class NMSparsity(Compressor):
         load_weights(self.model, state, where, WHO)
 
 
-def finished_test_acc(run_dir: Path) -> float | None:
-    metrics = run_dir / "metrics.json"
-    return json.loads(metrics.read_text()).get("test_acc") if metrics.is_file() else None
+def finished_test_acc(run: RunDir) -> float | None:
+    return json.loads(run.metrics.read_text()).get("test_acc") if run.finished else None

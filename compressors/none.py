@@ -8,6 +8,8 @@ from effml.registry import COMPRESSORS
 
 @dataclass
 class NoneConfig(CompressorConfig):
+    """Dense baseline: no compression."""
+
     name: str = "none"
 
 

@@ -26,9 +26,9 @@ from torch import nn
 
 from effml.compressors._quant import (
     ActivationQuantizer,
+    Observer,
     QuantConfig,
     Quantizer,
-    check_observer,
     quantizable,
     wrap,
 )
@@ -41,13 +41,17 @@ from effml.task import split_batch
 
 @dataclass
 class PTQConfig(QuantConfig):
+    """Post-training quantization (Nagel et al. 2021 §3; Krishnamoorthi 2018): int8 weights per channel
+    (symmetric, min-max), int8 inputs per tensor (asymmetric) calibrated on 32 training batches,
+    classifier in full precision; torchao int8 dynamic where the hardware measures it faster. Set
+    compressor.weights to quantize a finished run."""
+
     name: str = "ptq"
-    calibration: str = "minmax"  # the range of each layer's input: minmax | percentile | mse
+    calibration: Observer = Observer.minmax  # the range of each layer's input
     calibration_batches: int = 32  # training batches the input ranges are calibrated on
 
     def __post_init__(self):
         super().__post_init__()
-        check_observer("compressor.calibration", self.calibration)
         if self.calibration_batches < 1:
             raise EffmlError(f"compressor.calibration_batches must be >= 1; got {self.calibration_batches}")
 

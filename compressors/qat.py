@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from effml.compressors._quant import ActivationQuantizer, QuantConfig, Quantizer, check_observer, wrap
+from effml.compressors._quant import ActivationQuantizer, Observer, QuantConfig, Quantizer, wrap
 from effml.compressors.base import Smoke, Stage
 from effml.errors import EffmlError
 from effml.registry import COMPRESSORS
@@ -32,14 +32,18 @@ from effml.registry import COMPRESSORS
 
 @dataclass
 class QATConfig(QuantConfig):
+    """Quantization-aware training (Jacob et al. 2018): fake-quantized int8 weights (per channel,
+    symmetric) and inputs (EMA min-max ranges, frozen after 1000 steps), straight-through gradients,
+    classifier in full precision; torchao int8 dynamic at finalize where the hardware measures it
+    faster. Set compressor.weights to fine-tune a finished run."""
+
     name: str = "qat"
-    activation_observer: str = "minmax"  # each batch's input range: minmax | percentile | mse
+    activation_observer: Observer = Observer.minmax  # each batch's input range
     ema_decay: float = 0.99  # the moving average of the input ranges (Jacob et al.: close to 1)
     freeze_observers_after: int | None = 1000  # optimizer steps; None: the ranges move until the end
 
     def __post_init__(self):
         super().__post_init__()
-        check_observer("compressor.activation_observer", self.activation_observer)
         if not 0 < self.ema_decay < 1:
             raise EffmlError(f"compressor.ema_decay must be in (0, 1); got {self.ema_decay}")
         if self.freeze_observers_after is not None and self.freeze_observers_after < 1:

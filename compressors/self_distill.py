@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,18 +68,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effml.choice import check_choices, choice
 from effml.compressors.base import Compressor, CompressorConfig, RunContext, Smoke, autocast_dtype
 from effml.errors import EffmlError
+from effml.paths import RunDir, atomic_save
 from effml.registry import COMPRESSORS
 from effml.teachers import FeatureTap
 
-FALLBACKS = ("ensemble", "deepest")
-SEARCHES = ("genetic", "grid")
+Fallback = choice("Fallback", "ensemble deepest")  # no shallow classifier confident: the ensemble of all (TPAMI), or the deepest
+Search = choice("Search", "genetic grid")  # genetic: the paper's; grid: the best shared threshold of the sweep
 HEADS = "self_distill_exits"  # the attribute the shallow classifiers live under in the model
 
 
 @dataclass
 class SelfDistillConfig(CompressorConfig):
+    """Self-distillation (Zhang et al., ICCV 2019 / TPAMI 2022): shallow classifiers (attention + SepConv
+    alignment + FC) after each stage but the last learn from the deepest (α=0.3, τ=3, λ=0.03, the official
+    code); dynamic inference with per-classifier thresholds found by a genetic search. Needs a CNN with
+    stages, e.g. model=resnet20."""
+
     name: str = "self_distill"
     exits: list[str] = field(default_factory=lambda: ["layer1", "layer2"])  # shallow to deep; the last section's head is the model's
     alpha: float = 0.3  # α: weight of the KL to the deepest classifier; the shallow CE gets 1 − α (official code)
@@ -89,15 +95,16 @@ class SelfDistillConfig(CompressorConfig):
     t_squared: bool = False  # multiply the KL by τ² (Hinton et al.); the official code does not
     attention: bool = True  # TPAMI's attention module before the alignment net (ICCV 2019 had none)
     detach_backbone: bool = False  # control: the shallow classifiers learn on detached features
-    fallback: str = "ensemble"  # no shallow classifier confident: ensemble of all (TPAMI) | deepest
+    fallback: Fallback = Fallback.ensemble
     thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999])
     flops_budgets: list[float] = field(default_factory=lambda: [0.4, 0.6, 0.8])  # × the plain network's FLOPs
-    search: str = "genetic"  # genetic (the paper) | grid (the best shared threshold of the sweep)
+    search: Search = Search.genetic
     search_population: int = 40
     search_generations: int = 40
     search_bits: int = 10  # bits per threshold: thresholds on a grid of 2^bits − 1 steps in [0, 1]
 
     def __post_init__(self):
+        check_choices(self, "compressor")
         if not self.exits or len(set(self.exits)) != len(self.exits):
             raise EffmlError(f"compressor.exits must name at least one module, each once; got {list(self.exits)}")
         if not 0 <= self.alpha <= 1:
@@ -106,10 +113,6 @@ class SelfDistillConfig(CompressorConfig):
             raise EffmlError(f"compressor.temperature must be > 0; got {self.temperature}")
         if self.feature_weight < 0:
             raise EffmlError(f"compressor.feature_weight must be >= 0; got {self.feature_weight}")
-        if self.fallback not in FALLBACKS:
-            raise EffmlError(f"compressor.fallback must be one of {', '.join(FALLBACKS)}; got {self.fallback!r}")
-        if self.search not in SEARCHES:
-            raise EffmlError(f"compressor.search must be one of {', '.join(SEARCHES)}; got {self.search!r}")
         if not self.thresholds or any(not 0 <= t <= 1 for t in self.thresholds):
             raise EffmlError(f"compressor.thresholds must be probabilities in [0, 1]; got {list(self.thresholds)}")
         if any(b <= 0 for b in self.flops_budgets):
@@ -323,7 +326,7 @@ class SelfDistillation(Compressor):
         self.final_hook = None
         self.final_feature: Tensor | None = None
         self.datamodule = None
-        self.run_dir: Path | None = None
+        self.run_dir: RunDir | None = None
         self.trainer_cfg = None
         self.seed = 0
         self.results: dict[str, Any] = {}
@@ -540,10 +543,10 @@ class SelfDistillation(Compressor):
         if self.run_dir is None:
             return
         budgets = self.results["dynamic"]["search"]["budgets"]
-        torch.save({"exits": list(self.cfg.exits), "attention": self.cfg.attention,
-                    "state_dict": {k: v.cpu() for k, v in self.heads().state_dict().items()},
-                    "thresholds": {b["budget"]: b["thresholds"] for b in budgets}},
-                   self.run_dir / "self_distill_exits.pt")
+        atomic_save({"exits": list(self.cfg.exits), "attention": self.cfg.attention,
+                     "state_dict": {k: v.cpu() for k, v in self.heads().state_dict().items()},
+                     "thresholds": {b["budget"]: b["thresholds"] for b in budgets}},
+                    self.run_dir.artifact("self_distill_exits.pt"))
 
     def plot(self) -> None:
         """Test accuracy vs average FLOPs: each classifier alone, the threshold sweep, the searched points."""
@@ -579,7 +582,7 @@ class SelfDistillation(Compressor):
         axes.set_title("Self-distillation: dynamic inference (Zhang et al., TPAMI 2022)", fontsize=9)
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
-        path = self.run_dir / "self_distill_dynamic.png"
+        path = self.run_dir.artifact("self_distill_dynamic.png")
         figure.savefig(path, dpi=150)
         self.results["plot"] = str(path)
 

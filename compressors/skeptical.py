@@ -45,6 +45,10 @@ AUX_ATTR = "skeptical_aux"  # the attribute of the student that holds the ACs wh
 
 @dataclass
 class SkepticalConfig(DistillConfig):
+    """Skeptical student (Kundu et al., NeurIPS 2021, §4): the teacher distills into a shallow auxiliary
+    classifier (layer1 of a ResNet), the final classifier self-distills into every AC (layer1, layer2);
+    γ1=γ2=γ3=1, α=0.9, β=0.3, τ=4 as in the authors' code. Set compressor.teacher."""
+
     name: str = "skeptical"
     # module paths in the student after which an AC sits (ResNet-20: layer1 = 1/3, layer2 = 2/3 depth)
     aux_paths: list[str] = field(default_factory=lambda: ["layer1", "layer2"])

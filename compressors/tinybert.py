@@ -50,19 +50,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effml.choice import check_choices, choice
 from effml.compressors._distill import DistillConfig, Distiller, without_labels
 from effml.compressors.base import RunContext, Smoke, Stage
 from effml.errors import EffmlError
 from effml.registry import COMPRESSORS
 from effml.teachers import FeatureTap, Teacher, TeacherConfig, build_teacher
 
-MAPPINGS = ("uniform", "top", "bottom")
+LayerMapping = choice("LayerMapping", "uniform top bottom")  # g(m) (the paper's mapping ablation)
 TERMS = ("embedding", "hidden", "attention", "prediction")
 PROJECTION = "tinybert_projection"  # the attribute W_e, W_h live under while the student trains
 
 
 @dataclass
 class TinyBERTConfig(DistillConfig):
+    """TinyBERT (Jiao et al., Findings of EMNLP 2020): embedding + hidden + attention MSE through
+    g(m) = uniform (intermediate stage, 20 epochs), then soft cross-entropy at t=1 (prediction stage,
+    3 epochs); general distillation from the pre-trained MiniLM-L6 off (general_epochs=0). Set
+    compressor.teacher (the fine-tuned BERT)."""
+
     name: str = "tinybert"
     temperature: float = 1.0  # t of L_pred (Eq. 10: "set to 1 in this work")
     # the pre-trained teacher of general distillation (features only: no trained head needed)
@@ -74,7 +80,7 @@ class TinyBERTConfig(DistillConfig):
     general_lr_scale: float = 2.0  # 1e-4, BERT pre-training's
     intermediate_lr_scale: float = 1.0  # 5e-5
     prediction_lr_scale: float = 0.6  # 3e-5
-    mapping: str = "uniform"  # g(m): uniform | top | bottom (the paper's mapping ablation)
+    mapping: LayerMapping = LayerMapping.uniform
     layer_map: list[int] | None = None  # explicit g(1..M), teacher layers numbered 1..N; overrides mapping
     embedding_weight: float = 1.0  # λ of L_embd (0: the ablation "w/o Embd")
     hidden_weight: float = 1.0  # λ of L_hidn ("w/o Hidn")
@@ -83,8 +89,7 @@ class TinyBERTConfig(DistillConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.mapping not in MAPPINGS:
-            raise EffmlError(f"compressor.mapping must be one of {', '.join(MAPPINGS)}; got {self.mapping!r}")
+        check_choices(self, "compressor")
         if self.layer_map is not None and (not self.layer_map or min(self.layer_map) < 1):
             raise EffmlError(
                 "compressor.layer_map must list teacher layers numbered from 1 (0, the embedding, is always "

@@ -41,17 +41,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from effml.choice import check_choices, choice
 from effml.compressors._distill import DistillConfig, Distiller
 from effml.compressors.base import RunContext, Smoke
 from effml.errors import EffmlError
 from effml.registry import COMPRESSORS
 from effml.teachers import FeatureTap, find_module
 
-KL_REDUCTIONS = ("mean", "batchmean")
+GeneratorSchedule = choice("GeneratorSchedule", "cosine constant")  # over the stage's generator steps
+KLReduction = choice("KLReduction", "mean batchmean")  # mean: over batch and classes (authors' code); batchmean: the true KL
 
 
 @dataclass
 class ZSKTConfig(DistillConfig):
+    """Zero-shot KT (Micaelli & Storkey, NeurIPS 2019): data-free; a generator seeks inputs where student
+    and teacher disagree, the student matches the teacher there (KL + 250·AT); n_G=1, n_S=10. Set
+    compressor.teacher."""
+
     name: str = "zskt"
     temperature: float = 1.0  # the paper matches the plain (T = 1) distributions
     generator_steps: int = 1  # n_G per cycle
@@ -62,13 +68,14 @@ class ZSKTConfig(DistillConfig):
     batch_size: int = 128  # generated inputs per batch
     iterations_per_epoch: int = 500  # student steps (slots for generated batches) per epoch
     generator_lr: float = 1e-3  # Adam; the student's optimizer is the run's (trainer.*)
-    generator_schedule: str = "cosine"  # cosine | constant, over the stage's generator steps
+    generator_schedule: GeneratorSchedule = GeneratorSchedule.cosine
     generator_grad_clip: float | None = 5.0  # max gradient norm of the generator (authors' code)
     generator_width: int = 128  # channels of the generator's first conv block (the second has half)
-    kl_reduction: str = "mean"  # mean: over batch and classes (authors' code) | batchmean: the true KL
+    kl_reduction: KLReduction = KLReduction.mean
 
     def __post_init__(self):
         super().__post_init__()
+        check_choices(self, "compressor")
         for name in ("generator_steps", "student_steps", "z_dim", "batch_size", "iterations_per_epoch",
                      "generator_width"):
             if getattr(self, name) < 1:
@@ -79,10 +86,6 @@ class ZSKTConfig(DistillConfig):
             raise EffmlError(f"compressor.generator_lr must be > 0; got {self.generator_lr}")
         if self.generator_grad_clip is not None and self.generator_grad_clip <= 0:
             raise EffmlError(f"compressor.generator_grad_clip must be > 0 or null; got {self.generator_grad_clip}")
-        if self.generator_schedule not in ("cosine", "constant"):
-            raise EffmlError(f"compressor.generator_schedule must be cosine or constant; got {self.generator_schedule!r}")
-        if self.kl_reduction not in KL_REDUCTIONS:
-            raise EffmlError(f"compressor.kl_reduction must be one of {', '.join(KL_REDUCTIONS)}; got {self.kl_reduction!r}")
         if self.beta > 0 and not self.attention_layers:
             raise EffmlError("compressor.attention_layers must name the block groups to match when beta > 0")
 
@@ -247,8 +250,9 @@ class ZeroShotKT(Distiller):
         if stage.role == "prepare":  # the teacher's own stage trains on the data
             return None
         shape = datamodule.info.input_shape
+        # its own generator: starting a pass draws no number from torch's global RNG (effml.data._base)
         return DataLoader(PlaceholderBatches(self.cfg.iterations_per_epoch, self.cfg.batch_size, shape),
-                          batch_size=None, shuffle=False)
+                          batch_size=None, shuffle=False, generator=torch.Generator())
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if not self.distilling:

@@ -1,48 +1,57 @@
 """Typed config schema, stored in Hydra's ConfigStore so composition validates every value.
 
-Layout (docs/ARCHITECTURE.md §4): ``conf/config.yaml`` picks one preset per group; each preset's first
-defaults entry is the schema it extends (``/schema/<group>/<name>@_here_``), so a typo or a
-wrong type fails at composition with the field named. Model, data and compressor schemas come
-from the plug-in registries; the trainer, hardware, logger and measurement schemas live here.
+Layout (docs/ARCHITECTURE.md §4): ``conf/config.yaml`` picks one preset per group. A preset is either a
+YAML file whose first defaults entry is the schema it extends (``/schema/<group>/<name>@_here_``), for
+presets that set values (models, hardware, loggers), or, with no file, a registered config dataclass
+itself (``compressor=kd`` is ``KDConfig``'s defaults; ``data=digits`` likewise; ``trainer=default``):
+``register_schemas`` stores those as ``<group>/<name>`` (``generated_presets``). Either way a typo or a
+wrong type fails at composition with the field named. Model, data and compressor schemas come from the
+plug-in registries; the trainer, hardware, logger and measurement schemas live here.
 
+A field whose value is one of a fixed set is typed with a ``Choice`` (``effml.choice``), which composition
+checks; the typed dataclass holds its plain string, so hashes and saved files are as with a ``str``.
 Fields that do not change results carry ``metadata={"hash": False}``: the run id skips them
 (``effml.identity``).
+
+Hydra and OmegaConf are imported where they are used, so this module (and ``HardwareConfig`` with
+``effml.kernels.hardware.preset``) works where they are not installed (a GPU node running a benchmark).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
-
+from effml.choice import check_choices, choice
 from effml.errors import EffmlError
-from effml.kernels.names import KERNELS  # the alternatives a target may allow (effml.kernels.library)
+from effml.kernels.names import KernelName  # the alternatives a target may allow (effml.kernels.library)
 
+MISSING = "???"  # omegaconf.MISSING, spelled out so that this module does not import OmegaConf
 NOT_HASHED = {"hash": False}
 
-
-def _one_of(section: str, name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise EffmlError(f"{section}.{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+Optimizer = choice("Optimizer", "adam adamw sgd")
+LrSchedule = choice("LrSchedule", "constant cosine linear")  # cosine and linear with warmup
+ProgressBar = choice("ProgressBar", "auto on off")  # auto: on a terminal only
+Profiler = choice("Profiler", "none simple advanced")  # advanced: cProfile
 
 
 @dataclass
 class TrainerConfig:
-    """Optimization of every stage (a compressor's stage may override epochs)."""
+    """Optimization of every stage: Adam at a constant learning rate; every stage trains for max_epochs
+    unless its compressor says otherwise."""
 
     max_epochs: int = 10
-    optimizer: str = "adam"  # adam | adamw | sgd
+    optimizer: Optimizer = Optimizer.adam
     lr: float = 1.2e-3
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
-    lr_schedule: str = "constant"  # constant | cosine | linear (both with warmup)
+    lr_schedule: LrSchedule = LrSchedule.constant
     warmup_fraction: float = 0.0
     label_smoothing: float = 0.0
     gradient_clip_val: float | None = None
@@ -51,17 +60,15 @@ class TrainerConfig:
     limit_test_batches: float | None = None
     val_check_interval: int | None = None  # validate every N training batches (None: once per epoch)
     checkpoint_every_n_steps: int | None = field(default=None, metadata=NOT_HASHED)
+    keep_last: bool = field(default=False, metadata=NOT_HASHED)  # keep a finished stage's last.ckpt beside end.pt
     log_every_n_steps: int = field(default=20, metadata=NOT_HASHED)
-    progress_bar: str = field(default="auto", metadata=NOT_HASHED)  # auto (tty only) | on | off
+    progress_bar: ProgressBar = field(default=ProgressBar.auto, metadata=NOT_HASHED)
     # Lightning's profile of each stage (time per hook: steps, data loading, validation, checkpoints),
-    # in <stage>/fit-profile.txt: none | simple | advanced (cProfile)
-    profiler: str = field(default="none", metadata=NOT_HASHED)
+    # in <stage>/fit-profile.txt
+    profiler: Profiler = field(default=Profiler.none, metadata=NOT_HASHED)
 
     def __post_init__(self):
-        _one_of("trainer", "optimizer", self.optimizer, ("adam", "adamw", "sgd"))
-        _one_of("trainer", "lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
-        _one_of("trainer", "progress_bar", self.progress_bar, ("auto", "on", "off"))
-        _one_of("trainer", "profiler", self.profiler, ("none", "simple", "advanced"))
+        check_choices(self, "trainer")
         if self.val_check_interval is not None and self.val_check_interval < 1:
             raise EffmlError(f"trainer.val_check_interval must be >= 1 batch; got {self.val_check_interval}")
         if self.max_epochs < 1:
@@ -72,8 +79,13 @@ class TrainerConfig:
             raise EffmlError(f"trainer.warmup_fraction must be in [0, 1); got {self.warmup_fraction}")
 
 
-SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
-SELECTION = ("measure", "force", "off")
+Accelerator = choice("Accelerator", "cpu gpu auto")  # auto: the `auto` preset resolves it
+Precision = choice("Precision", "32-true 32 bf16-mixed 16-mixed bf16-true 16-true 64-true")  # Lightning's
+MatmulPrecision = choice("MatmulPrecision", "highest high medium")  # high: TF32
+SdpaBackend = choice("SdpaBackend", "cudnn flash efficient math")
+# measure: time dense vs each alternative on the run's shapes, keep the fastest by `selection_margin`;
+# force: the method's kernel, unmeasured (an error where the device cannot run it); off: stay dense
+Selection = choice("Selection", "measure force off")
 
 
 @dataclass
@@ -81,53 +93,44 @@ class HardwareConfig:
     """Where and how to run: precision, matmul precision, attention backends, compilation."""
 
     name: str = field(default="cpu", metadata=NOT_HASHED)
-    accelerator: str = "cpu"  # cpu | gpu | auto (auto: the `auto` preset resolves it)
+    accelerator: Accelerator = Accelerator.cpu
     devices: int = field(default=1, metadata=NOT_HASHED)
-    precision: str = "32-true"  # Lightning precision: 32-true | bf16-mixed | 16-mixed | bf16-true
-    matmul_precision: str = "highest"  # highest | high (TF32) | medium
-    sdpa_backends: list[str] = field(default_factory=lambda: ["flash", "math"])  # preference order
+    precision: Precision = Precision["32-true"]
+    matmul_precision: MatmulPrecision = MatmulPrecision.highest
+    sdpa_backends: list[SdpaBackend] = field(default_factory=lambda: [SdpaBackend.flash, SdpaBackend.math])  # preference order
     compile: bool = False
     channel_multiple: int = 1  # structured widths are rounded up to a multiple of this
     fp8_training: bool = False  # torchao float8 Linear layers in training (sm_89+), per `selection` (kernels.fp8_training)
     # Kernel selection (effml.kernels.select). None of it changes training, so none of it is hashed:
     # a sweep over `selection` compares kernels of the same trained model.
-    kernels: list[str] = field(default_factory=list, metadata=NOT_HASHED)  # alternatives allowed here
-    # measure: time dense vs each alternative on the run's shapes, keep the fastest by `selection_margin`;
-    # force: the method's kernel, unmeasured (an error where the device cannot run it); off: stay dense
-    selection: str = field(default="measure", metadata=NOT_HASHED)
+    kernels: list[KernelName] = field(default_factory=list, metadata=NOT_HASHED)  # alternatives allowed here
+    selection: Selection = field(default=Selection.measure, metadata=NOT_HASHED)
     selection_margin: float = field(default=1.05, metadata=NOT_HASHED)  # kept only if >= this many x faster
     kernel_cache: str = field(default="~/.cache/effml/kernels.json", metadata=NOT_HASHED)  # "" : no cache
 
     def __post_init__(self):
-        _one_of("hardware", "accelerator", self.accelerator, ("cpu", "gpu", "auto"))
-        _one_of("hardware", "selection", self.selection, SELECTION)
-        for kernel in self.kernels:
-            _one_of("hardware", "kernels", kernel, KERNELS)
+        check_choices(self, "hardware")
         if self.selection_margin < 1:
             raise EffmlError(f"hardware.selection_margin must be >= 1 (an alternative must not be slower); got {self.selection_margin}")
-        _one_of("hardware", "matmul_precision", self.matmul_precision, ("highest", "high", "medium"))
-        _one_of(
-            "hardware", "precision", self.precision,
-            ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"),
-        )
-        for backend in self.sdpa_backends:
-            _one_of("hardware", "sdpa_backends", backend, SDPA_BACKENDS)
         if self.channel_multiple < 1:
             raise EffmlError(f"hardware.channel_multiple must be >= 1; got {self.channel_multiple}")
+
+
+LoggerName = choice("LoggerName", "csv tensorboard wandb none")
+WandbMode = choice("WandbMode", "offline online disabled")
 
 
 @dataclass
 class LoggerConfig:
     """Experiment loggers; none of this changes results, so none of it is hashed."""
 
-    name: str = "csv"  # csv | tensorboard | wandb | none
+    name: LoggerName = LoggerName.csv
     project: str = "effml"
-    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_mode: WandbMode = WandbMode.offline
     entity: str | None = None
 
     def __post_init__(self):
-        _one_of("logger", "name", self.name, ("csv", "tensorboard", "wandb", "none"))
-        _one_of("logger", "wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
+        check_choices(self, "logger")
 
 
 @dataclass
@@ -162,6 +165,7 @@ class Config:
 
 
 CORE_SCHEMAS = {"trainer": TrainerConfig, "hardware": HardwareConfig, "logger": LoggerConfig}
+GENERATED_GROUPS = ("compressor", "data", "trainer")  # groups with presets made from schemas (generated_presets)
 
 
 def conf_dir() -> Path:
@@ -210,8 +214,71 @@ def recipe_problem(path: Path) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class GeneratedPreset:
+    """A preset without a file: the defaults of the schema ``node``, stored in Hydra's ConfigStore as
+    ``<group>/<name>``. ``read_text()`` is the YAML file it stands for (what ``effml list`` reads)."""
+
+    group: str
+    name: str
+    schema: str  # its schema in the ConfigStore, e.g. schema/compressor/kd
+    node: type
+    description: str
+
+    @property
+    def stem(self) -> str:
+        return self.name
+
+    def read_text(self) -> str:
+        return f"# {self.description}\ndefaults:\n  - /{self.schema}@_here_\n  - _self_\n"
+
+
+def config_description(config: type, fallback: str = "") -> str:
+    """The first paragraph of a config dataclass's own docstring on one line (the paper and its
+    defaults), else ``fallback``."""
+    doc = config.__doc__ or ""
+    if not doc or doc.startswith(f"{config.__name__}("):  # none written: dataclass made one from the fields
+        return fallback
+    return " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+
+
+def generated_presets(group: str) -> dict[str, GeneratedPreset]:
+    """The presets of ``group`` that no file holds: one per registered compressor and dataset (its config
+    dataclass's defaults), and ``trainer=default``. A YAML file of the same name in ``conf/<group>/``
+    (a preset that sets values) is the preset instead."""
+    from effml.registry import COMPRESSORS, DATASETS
+
+    if group == "trainer":
+        made = [GeneratedPreset("trainer", "default", "schema/trainer/base", TrainerConfig,
+                                config_description(TrainerConfig))]
+    elif group in (COMPRESSORS.kind, DATASETS.kind):
+        registry = COMPRESSORS if group == COMPRESSORS.kind else DATASETS
+        made = [GeneratedPreset(group, e.name, f"schema/{group}/{e.name}", e.config,
+                                config_description(e.config, e.description)) for e in registry.entries()]
+    else:
+        return {}
+    files = {path.stem for path in (conf_dir() / group).glob("*.yaml")}
+    return {preset.name: preset for preset in made if preset.name not in files}
+
+
+def preset_values(group: str, name: str) -> dict[str, Any]:
+    """A YAML preset's own values: ``conf/<group>/<name>.yaml`` without its defaults list, read with
+    PyYAML (no Hydra or OmegaConf; ``effml.kernels.hardware.preset`` types and validates them)."""
+    import yaml
+
+    path = conf_dir() / group / f"{name}.yaml"
+    if not path.is_file():
+        raise EffmlError(f"no {group} preset '{name}' ({path} does not exist)")
+    values = yaml.safe_load(path.read_text()) or {}
+    values.pop("defaults", None)
+    return values
+
+
 def register_schemas() -> None:
-    """Put every schema and recipe into Hydra's ConfigStore (idempotent)."""
+    """Put every schema, generated preset and recipe into Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
     from effml.registry import COMPRESSORS, DATASETS, MODELS
 
     store = ConfigStore.instance()
@@ -221,6 +288,9 @@ def register_schemas() -> None:
     store.store(name="effml_schema", node=Config)
     for group, schema in CORE_SCHEMAS.items():
         store.store(group=f"schema/{group}", name="base", node=schema)
+    for group in GENERATED_GROUPS:
+        for preset in generated_presets(group).values():
+            store.store(group=group, name=preset.name, node=preset.node)
     # Recipes live in recipes/ (not conf/recipe/), so they enter the `recipe` group from here.
     for name, path in recipe_files().items():
         if recipe_problem(path):
@@ -233,6 +303,8 @@ def register_schemas() -> None:
 
 def to_typed(cfg) -> dict[str, Any]:
     """The composed config's sections as validated dataclasses (runs every ``__post_init__``)."""
+    from omegaconf import OmegaConf
+
     from effml.registry import COMPRESSORS, DATASETS, MODELS
 
     reject_unknown_keys(cfg)
@@ -254,6 +326,8 @@ def to_typed(cfg) -> dict[str, Any]:
 def reject_unknown_keys(cfg) -> None:
     """A key that no schema has (``+trainer.max_epoch=1``, ``+compresor=kd``; Hydra's ``+`` adds any
     key) would be silently ignored: one line naming it, with the nearest field."""
+    from omegaconf import OmegaConf
+
     from effml.registry import COMPRESSORS, DATASETS, MODELS
 
     _reject_unknown(cfg, Config, "", extra={"hydra"})
@@ -266,6 +340,8 @@ def reject_unknown_keys(cfg) -> None:
 
 
 def _reject_unknown(node: Any, schema: type, prefix: str, extra: frozenset | set = frozenset()) -> None:
+    from omegaconf import OmegaConf
+
     if not OmegaConf.is_dict(node) or not dataclasses.is_dataclass(schema):
         return
     names = {f.name for f in dataclasses.fields(schema)} | set(extra)

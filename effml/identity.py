@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from effml.paths import RunDir
+
 HASHED_SECTIONS = ("model", "data", "compressor", "trainer", "hardware")
 
 
@@ -52,5 +54,5 @@ def config_hash(typed: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def run_dir(output_root: str | Path, name: str, typed: dict[str, Any], seed: int) -> Path:
-    return Path(output_root) / name / config_hash(typed) / f"seed_{seed}"
+def run_dir(output_root: str | Path, name: str, typed: dict[str, Any], seed: int) -> RunDir:
+    return RunDir.of(output_root, name, config_hash(typed), seed)

@@ -444,27 +444,17 @@ def _header(device: torch.device, dtype: torch.dtype | None, batch_size: int) ->
     }
 
 
-def measure_inference(
-    model: nn.Module,
-    inputs: Mapping[str, Any],
-    device: torch.device | str,
-    dtype: torch.dtype | None = None,
-    warmup: int = 3,
-    iters: int = 20,
-    min_time_s: float = 0.5,
-    max_iters: int = 1000,
-    max_time_s: float = 60.0,
-) -> dict[str, Any]:
-    """Latency, throughput and peak memory of `model(**inputs)` on `device` (eval, inference_mode).
+def measure_inference(model: nn.Module, inputs: Mapping[str, Any], device: torch.device | str,
+                      **options: Any) -> dict[str, Any]:
+    """Latency, throughput and peak memory of `model(**inputs)` on `device` (eval, inference_mode);
+    ``options`` are ``compare_models``'s (dtype, warmup, iters, min_time_s, max_iters, max_time_s).
 
     `dtype` (e.g. torch.bfloat16) runs the forward under autocast. The model is moved to `device` for
     the measurement and back afterwards. Returns {"device", "device_name", "dtype", "batch_size",
     "latency_ms" (median), "latency_p90_ms", "latency_min_ms", "throughput" (samples/s), "iters",
     "peak_mem_bytes", "activation_peak_bytes", "memory_method"}.
     """
-    return compare_models(
-        {"model": model}, inputs, device, dtype, warmup, iters, min_time_s, max_iters, max_time_s
-    )["model"]
+    return compare_models({"model": model}, inputs, device, **options)["model"]
 
 
 def compare_models(
@@ -578,27 +568,16 @@ def compare_train_steps(
         return out
 
 
-def measure_train_step(
-    model: nn.Module,
-    inputs: Mapping[str, Any],
-    labels: torch.Tensor,
-    device: torch.device | str,
-    dtype: torch.dtype | None = None,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    lr: float = 1e-3,
-    warmup: int = 2,
-    iters: int = 10,
-    min_time_s: float = 0.5,
-) -> dict[str, Any]:
+def measure_train_step(model: nn.Module, inputs: Mapping[str, Any], labels: torch.Tensor, device: torch.device | str,
+                       **options: Any) -> dict[str, Any]:
     """Time of one forward + backward + SGD step (train mode); the model's weights are restored after.
+    ``options`` are ``compare_train_steps``'s (dtype, loss_fn, lr, warmup, iters, min_time_s, ...).
 
     `loss_fn(logits, labels)` defaults to cross-entropy (integer labels) or MSE (float labels).
     Returns {"device", "device_name", "dtype", "batch_size", "train_step_ms" (median),
     "train_step_p90_ms", "train_throughput" (samples/s), "train_iters", "train_peak_mem_bytes"}.
     """
-    return compare_train_steps(
-        {"model": model}, inputs, labels, device, dtype, loss_fn, lr, warmup, iters, min_time_s
-    )["model"]
+    return compare_train_steps({"model": model}, inputs, labels, device, **options)["model"]
 
 
 # --------------------------------------------------------------------------- dense vs compressed

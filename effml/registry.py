@@ -3,8 +3,10 @@
 Every plug-in registers itself with a typed config dataclass. ``effml.config.register_schemas`` puts
 those dataclasses into Hydra's ConfigStore (group ``schema/<kind>``), so the YAML presets in
 ``conf/<kind>/`` are validated against them at composition time: a typo or a wrong type fails before
-any work. The registries themselves do not import Hydra, so a model or a compressor can be used
-from code where Hydra is not installed (a GPU node running a benchmark).
+any work. A registered compressor or dataset is also a preset of its own group (``compressor=<name>``,
+``data=<name>``: its dataclass's defaults), with no file (``effml.config.generated_presets``). The
+registries themselves do not import Hydra or OmegaConf, so a model or a compressor can be used from
+code where they are not installed (a GPU node running a benchmark).
 
 Lookups import every plug-in module first (``load_plugins``), so nothing depends on an import
 having happened somewhere else.
@@ -18,6 +20,7 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Any
 
+from effml import choice
 from effml.errors import EffmlError
 
 PLUGIN_PACKAGES = ("effml.models", "effml.data", "effml.compressors")
@@ -29,6 +32,7 @@ class Entry:
     target: Any  # the class or builder function
     config: type  # the config dataclass
     description: str
+    kind: str = ""  # the registry's: model, data or compressor (names a config's fields in errors)
 
     def make_config(self, values: Any = None) -> Any:
         """The typed config from a (Dict)Config or dict; runs the dataclass validation."""
@@ -38,7 +42,12 @@ class Entry:
             return self.config()
         if dataclasses.is_dataclass(values) and not isinstance(values, type):
             return values
-        merged = OmegaConf.merge(OmegaConf.structured(self.config), values)
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(self.config), values)
+        except ValueError as e:  # OmegaConf's ValidationError: a value outside a field's choices
+            if message := choice.explain(e, prefix=f"{self.kind}."):
+                raise EffmlError(message) from None
+            raise
         return OmegaConf.to_object(merged)
 
 
@@ -54,7 +63,7 @@ class Registry:
             if name in self._entries and self._entries[name].target is not target:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
             summary = description or next(iter((target.__doc__ or "").strip().splitlines()), "")
-            self._entries[name] = Entry(name, target, config, summary)
+            self._entries[name] = Entry(name, target, config, summary, self.kind)
             return target
 
         return wrap

@@ -43,6 +43,7 @@ from rich.table import Table
 from rich.text import Text
 
 from effml.errors import EffmlError
+from effml.paths import atomic_write_text
 
 MiB = 2**20
 
@@ -289,23 +290,11 @@ def _jsonable(obj: Any) -> Any:
 
 
 def write_metrics(path: str | os.PathLike, metrics: Mapping[str, Any]) -> Path:
-    """Write metrics.json atomically: a temporary file in the same folder, then os.replace.
+    """Write metrics.json atomically (effml.paths.atomic_file).
 
     A reader (or a crashed run) never sees half a file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(metrics), indent=2, allow_nan=False) + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_text(Path(path), json.dumps(_jsonable(metrics), indent=2, allow_nan=False) + "\n")
 
 
 def load_metrics(path: str | os.PathLike) -> dict[str, Any]:

@@ -32,16 +32,17 @@ SAFE_GLOBALS: list = []
 torch.serialization.add_safe_globals(SAFE_GLOBALS)
 
 
-def load(path: str | Path, what: str, broken: str = "does not load", advice: str = "") -> Any:
+def load(path: str | Path, what: str, broken: str = "does not load", advice: str = "", mmap: bool = False) -> Any:
     """``path`` unpickled onto the CPU with ``weights_only=True``; any failure is one EffmlError line.
 
     ``what`` names the file in errors ("teacher checkpoint"); a file that does not unpickle at all
     (truncated, not a torch file) ``broken`` ("does not load", "is corrupt"); ``advice`` ends both
-    messages (e.g. "; delete it to redo that stage")."""
+    messages (e.g. "; delete it to redo that stage"). ``mmap``: map a torch zip file's tensors instead
+    of reading them, for a check that the file loads, at little cost for a large one."""
     try:
         with warnings.catch_warnings():  # a pickle of another protocol is refused below, in one line
             warnings.filterwarnings("ignore", "Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         disallowed = refused_global(str(e)) or next(iter(pickled_globals(path)), None)
         if disallowed is None and "Can only " not in str(e):  # not refused: unreadable (a bad opcode, ...)

@@ -21,7 +21,6 @@ are removed when the tap closes.
 
 from __future__ import annotations
 
-import glob
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 
 from effml import safe_load
 from effml.errors import EffmlError
+from effml.paths import RunDir, runs_of
 
 SOURCES = ("stage", "run", "recipe", "checkpoint", "hf")
 
@@ -84,8 +84,8 @@ def build_teacher(cfg: TeacherConfig, datamodule, output_root: str | Path = "out
         model = build_model(cfg.model, datamodule.info)
         load_weights(model, read_state_dict(Path(cfg.path)), cfg.path)
         return frozen(model)
-    run_dir = Path(cfg.path) if cfg.source == "run" else find_recipe_run(cfg, output_root, seed)
-    return frozen(load_run(run_dir, datamodule.info))
+    run = RunDir(Path(cfg.path)) if cfg.source == "run" else find_recipe_run(cfg, output_root, seed)
+    return frozen(load_run(run, datamodule.info))
 
 
 def build_model(values: Any, info) -> nn.Module:
@@ -97,38 +97,36 @@ def build_model(values: Any, info) -> nn.Module:
     return entry.target.from_config(entry.make_config(values), info)
 
 
-def load_run(run_dir: Path, info, who: str = "teacher") -> nn.Module:
+def load_run(run: RunDir, info, who: str = "teacher") -> nn.Module:
     """The finalized model of a finished effml run (``who`` names it in errors)."""
-    config, weights = run_dir / "config.yaml", run_dir / "model.pt"
-    if not config.is_file():
-        raise EffmlError(f"{who} run {run_dir} not found (no config.yaml there)")
-    model_cfg = OmegaConf.load(config).model
-    export = run_dir / "model"
-    if (export / "config.json").is_file():  # a structurally pruned BERT (EarlyBERT, ...) exports itself
-        model_cfg.pretrained = str(export)
+    if not run.config.is_file():
+        raise EffmlError(f"{who} run {run.path} not found (no config.yaml there)")
+    model_cfg = OmegaConf.load(run.config).model
+    if (run.export / "config.json").is_file():  # a structurally pruned BERT (EarlyBERT, ...) exports itself
+        model_cfg.pretrained = str(run.export)
+    weights = run.model
     if not weights.is_file():
-        ends = sorted(glob.glob(str(run_dir / "stages" / "*" / "end.pt")))
-        if not (run_dir / "metrics.json").is_file() or not ends:
-            raise EffmlError(f"{who} run {run_dir} has not finished; finish it first (rerun its command)")
-        weights = Path(ends[-1])  # a run from before model.pt was written: its last stage's weights
+        ends = run.finished_stages()
+        if not run.finished or not ends:
+            raise EffmlError(f"{who} run {run.path} has not finished; finish it first (rerun its command)")
+        weights = ends[-1].end  # a run from before model.pt was written: its last stage's weights
     model = build_model(model_cfg, info)
     load_weights(model, read_state_dict(weights, who), str(weights), who)
     return model
 
 
 def find_recipe_run(cfg: TeacherConfig, output_root: str | Path, seed: int, who: str = "teacher",
-                    field: str = "teacher") -> Path:
+                    field: str = "teacher") -> RunDir:
     """The finished run of ``cfg.recipe`` (``field`` is where ``cfg`` sits in the config, for the hint)."""
     seed = seed if cfg.seed is None else cfg.seed
-    pattern = Path(output_root) / cfg.recipe / (cfg.hash or "*") / f"seed_{seed}" / "metrics.json"
-    runs = sorted(Path(p).parent for p in glob.glob(str(pattern)))
+    runs = runs_of(output_root, cfg.recipe, seed, cfg.hash)
     if not runs:
         raise EffmlError(
             f"{who}: no finished run of recipe {cfg.recipe} (seed {seed}) under {output_root}/{cfg.recipe}; "
             f"train it first: effml train recipe={cfg.recipe} seed={seed}"
         )
     if len(runs) > 1:
-        hashes = ", ".join(r.parent.name for r in runs)
+        hashes = ", ".join(r.hash for r in runs)
         raise EffmlError(f"{who}: recipe {cfg.recipe} has finished runs of several configs ({hashes}); set {field}.hash")
     return runs[0]
 
@@ -311,11 +309,11 @@ class TrainedWeightsConfig:
 
 
 def trained_state(cfg: TrainedWeightsConfig, output_root: str | Path, seed: int, info,
-                  who: str) -> tuple[dict[str, torch.Tensor], str, Path | None]:
+                  who: str) -> tuple[dict[str, torch.Tensor], str, RunDir | None]:
     """The state dict of the model ``cfg`` names, where it came from, and its run directory (None
     for a checkpoint); ``who`` names it in errors ("dense model", "trained model")."""
     if cfg.source == "checkpoint":
         return read_state_dict(Path(cfg.path), who), cfg.path, None
-    run_dir = Path(cfg.path) if cfg.source == "run" else find_recipe_run(cfg, output_root, seed, who, "compressor.weights")
-    return load_run(run_dir, info, who).state_dict(), str(run_dir), run_dir
+    run = RunDir(Path(cfg.path)) if cfg.source == "run" else find_recipe_run(cfg, output_root, seed, who, "compressor.weights")
+    return load_run(run, info, who).state_dict(), str(run.path), run
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -84,12 +85,26 @@ def test_corrupt_checkpoint_is_reported_and_kept(effml, tmp_path):
     from effml.cli.compose import compose_config
 
     run_dir = runner.plan(compose_config(["recipe=magnitude_lenet", *TINY])).run_dir
-    checkpoint = tmp_path / run_dir / "stages" / "00_train" / "checkpoints" / "last.ckpt"
+    checkpoint = tmp_path / run_dir.stage(0, "train").last_checkpoint
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"not a checkpoint")
+    records = {tmp_path / run_dir.config: "seed: 0\n", tmp_path / run_dir.run_record: "{}\n"}
+    for path, text in records.items():  # as the interrupted run left them
+        path.write_text(text)
     code, _, err = effml(*RUN)
     assert code == 2 and "corrupt" in err and str(checkpoint.relative_to(tmp_path)) in err
-    assert checkpoint.read_bytes() == b"not a checkpoint"  # nothing lost
+    assert checkpoint.read_bytes() == b"not a checkpoint"  # nothing lost ...
+    assert all(path.read_text() == text for path, text in records.items())  # ... nor rewritten before the check
+
+
+@pytest.mark.parametrize("keep_last", [False, True])
+def test_a_finished_stage_s_last_ckpt_is_deleted_unless_kept(effml, tmp_path, keep_last):
+    code, _, err = effml(*RUN, "measure.enabled=false", f"trainer.keep_last={keep_last}")
+    assert code == 0, err
+    stage = next(tmp_path.rglob("stages/00_train"))
+    assert (stage / "end.pt").is_file()
+    assert (stage / "checkpoints" / "last.ckpt").is_file() == keep_last
+    assert (stage / "checkpoints").exists() == keep_last
 
 
 def test_cfg_job_and_help_behave_like_hydra(effml):
@@ -186,3 +201,24 @@ def test_a_recipe_cannot_make_hydra_instantiate_a_class(effml, tmp_path, monkeyp
     one_line_error(code, err, "a recipe may not set hydra: options")
     assert not sentinel.exists()
 
+
+
+@pytest.fixture
+def immutable_folder(tmp_path):
+    """A folder nobody may write into, root included (``chattr +i``); skipped where unsupported."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    yield folder
+    subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_an_outputs_folder_that_cannot_be_written_is_one_line(effml, immutable_folder, multirun):
+    code, out, err = effml(*RUN[:1], *(["-m"] if multirun else []), *RUN[1:], f"output_root={immutable_folder / 'outputs'}")
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("effml: error: cannot write ") and "Operation not permitted" in lines[-1], err
+    assert "Traceback" not in err + out
+    assert not any(immutable_folder.iterdir())

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from effml import identity, runner
 from effml.cli.compose import compose_config, presets
-from effml.config import register_schemas, to_typed
+from effml.config import GeneratedPreset, Optimizer, TrainerConfig, conf_dir, register_schemas, to_typed
+from effml.errors import EffmlError
+from effml.registry import COMPRESSORS, DATASETS
 
 register_schemas()
 
@@ -18,7 +23,7 @@ def test_every_recipe_composes_and_plans(recipe):
     cfg = compose_config([f"recipe={recipe}"])
     plan = runner.plan(cfg)
     assert cfg.name == recipe
-    assert plan.run_dir.parts[-3] == recipe and plan.run_dir.name == "seed_0"
+    assert plan.run_dir.recipe == recipe and plan.run_dir.path.name == "seed_0"
 
 
 @pytest.mark.parametrize("group", ["model", "data", "compressor", "hardware", "trainer", "logger"])
@@ -28,7 +33,21 @@ def test_every_preset_composes(group):
             cfg = compose_config([f"{group}={option}"])  # composes; planning needs the GPU
             assert to_typed(cfg)["hardware"].accelerator == "gpu"
             continue
-        runner.plan(compose_config([f"{group}={option}"]))
+        plan = runner.plan(compose_config([f"{group}={option}"]))
+        if isinstance(preset := presets(group)[option], GeneratedPreset):
+            assert plan.typed[group] == preset.node()  # the preset is its dataclass's defaults
+
+
+def test_registered_compressors_and_datasets_are_presets_without_files():
+    """A new compressor is one file (plus a recipe): its preset comes from the registry."""
+    assert set(presets("compressor")) == set(COMPRESSORS.names())
+    assert set(presets("data")) == set(DATASETS.names())
+    assert not (conf_dir() / "compressor").exists() and not (conf_dir() / "data").exists()
+    text = presets("compressor")["kd"].read_text()  # what `effml list compressors` reads
+    assert text.startswith("# Knowledge distillation (Hinton et al. 2015): soft targets at T=4, α=0.9")
+    assert "- /schema/compressor/kd@_here_" in text
+    cfg = compose_config(["recipe=magnitude_lenet", "+compressor@compose.kd=kd"])
+    assert cfg.compose.kd.name == "kd" and cfg.compose.kd.temperature == 4.0
 
 
 def test_recipe_values_override_defaults():
@@ -44,6 +63,9 @@ PINNED = {
     ("dense_lenet",): "4a048ba0a7",
     ("magnitude_lenet",): "155dac7799",
     ("magnitude_lenet", "compressor.sparsity=0.8"): "33c84cf074",
+    # choice fields off their defaults (computed while they were still `str` fields, before Choice enums)
+    ("magnitude_lenet", "compressor.scope=global", "compressor.schedule=oneshot", "trainer.optimizer=sgd",
+     "trainer.lr_schedule=cosine", "hardware.precision=bf16-mixed", "hardware.matmul_precision=high"): "00a272ad36",
 }
 
 
@@ -92,6 +114,52 @@ def test_typos_fail_at_composition_with_the_field_named(override, message):
     with pytest.raises(EffmlError, match=message) as info:
         compose_config(["recipe=magnitude_lenet", override])
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.optimizer=adamx"], "trainer.optimizer must be one of adam, adamw, sgd; got 'adamx'"),
+        (["hardware.kernels=[int8_dynamic,int3]"], "hardware.kernels must be one of fp8_rowwise, fp8_dynamic, "
+         "int8_dynamic, int8_weight_only, int4_weight_only, sparse_2to4, sparse_2to4_cutlass; got 'int3'"),
+        (["compressor.scope=both"], "compressor.scope must be one of layerwise, global; got 'both'"),
+        (["+compressor@compose.q=ptq", "compose.q.kernel=int2"],
+         "compose.q.kernel must be one of int8_dynamic, int8_weight_only, int4_weight_only, fp8_rowwise, "
+         "fp8_dynamic, none; got 'int2'"),
+    ],
+)
+def test_a_choice_outside_its_set_fails_at_composition(overrides, message):
+    with pytest.raises(EffmlError) as info:
+        compose_config(["recipe=magnitude_lenet", *overrides])  # composition alone, before any __post_init__
+    assert str(info.value) == message
+
+
+def test_choices_are_plain_strings_in_the_typed_config(tmp_path):
+    """A checkpoint may hold a config value: it must load with weights_only=True, as plain data."""
+    typed = to_typed(compose_config(["recipe=magnitude_lenet", "trainer.optimizer=sgd", "hardware.precision=32"]))
+    values = [typed["trainer"].optimizer, typed["compressor"].scope, typed["hardware"].precision,
+              *typed["hardware"].sdpa_backends, *typed["hardware"].kernels]
+    assert values[:3] == ["sgd", "layerwise", "32"] and all(type(v) is str for v in values)  # 32: typed as a number
+    torch.save(values, tmp_path / "values.pt")
+    assert torch.load(tmp_path / "values.pt", weights_only=True) == values
+    assert type(TrainerConfig(optimizer=Optimizer.sgd).optimizer) is str
+    with pytest.raises(EffmlError, match="^trainer.lr_schedule must be one of constant, cosine, linear; got 'step'$"):
+        TrainerConfig(lr_schedule="step")  # built in code: the same check
+    code = "compose.x.scope must be one of layerwise, global; got 'both'"
+    with pytest.raises(EffmlError, match=f"^{code}$"):  # a compose entry given as a plain mapping
+        to_typed(compose_config(["recipe=magnitude_lenet", "+compose.x={name: magnitude, scope: both}"]))
+
+
+def test_config_and_hardware_presets_read_without_hydra_or_omegaconf():
+    """Benchmarks on bare GPU nodes read effml's presets through effml.kernels.hardware.preset."""
+    code = ("import sys\n"
+            "for name in ('hydra', 'omegaconf'):\n"
+            "    sys.modules[name] = None\n"
+            "from effml.kernels.hardware import preset\n"
+            "h = preset('h100')\n"
+            "print(h.channel_multiple, h.precision, ','.join(h.sdpa_backends))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["64", "bf16-mixed", "cudnn,flash,efficient,math"]
 
 
 def test_slurm_and_joblib_launchers_compose():

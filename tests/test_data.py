@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import fields
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -26,7 +25,6 @@ SIZES = {  # (train, val, test) with the default config
     "rotten_tomatoes": (10_201, 1_275, 1_275),
     "rt_subjectivity": (9_516, 1_000, 1_000),
 }
-CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -71,9 +69,13 @@ def test_registered_names():
 def test_preset_composes_to_the_defaults(name):
     from hydra import compose, initialize_config_dir
 
-    preset = CONF_DATA / f"{name}.yaml"
+    from effml.cli.compose import presets
+    from effml.config import conf_dir, register_schemas
+
+    preset = presets("data")[name]  # made from the registered config (effml.config.generated_presets)
     assert preset.read_text().startswith("# "), "a preset starts with a comment saying what it is"
-    with initialize_config_dir(str(CONF_DATA.parent), version_base=None):
+    register_schemas()
+    with initialize_config_dir(str(conf_dir()), version_base=None):
         cfg = compose(config_name=None, overrides=[f"+data={name}"])
     entry = DATASETS.get(name)
     assert entry.make_config(cfg.data) == entry.config()

@@ -173,9 +173,10 @@ def test_deit_run_reports_each_head_and_loads_as_a_teacher(effml, tmp_path):
     run_dir = next((tmp_path / "outputs").rglob("metrics.json")).parent
     state = torch.load(run_dir / "model.pt", weights_only=True)
     assert {"dist_token", "head_dist.weight"} <= set(state)  # the token is part of the deployed model
+    from effml.paths import RunDir
     from effml.teachers import load_run
 
-    teacher = load_run(run_dir, DIGITS)
+    teacher = load_run(RunDir(run_dir), DIGITS)
     assert teacher.distilled and json.loads((run_dir / "metrics.json").read_text())["recipe"] == "custom"
 
 

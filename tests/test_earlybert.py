@@ -16,6 +16,7 @@ from effml.compressors.earlybert import EarlyBERT, EarlyBERTConfig, heads_kept
 from effml.data import DataInfo
 from effml.models import bert_surgery as surgery
 from effml.models.bert import BertClassifier, BertClassifierConfig
+from effml.paths import RunDir
 
 TOY = ["recipe=earlybert", "data.train_subset=320", "data.batch_size=32", "data.eval_batch_size=32", "data.max_length=32",
        "compressor.check_every=2", "compressor.window=3", "trainer.limit_val_batches=2",
@@ -95,7 +96,7 @@ def earlybert_on(model, channel_multiple: int = 1, **cfg) -> EarlyBERT:
     compressor = EarlyBERT(EarlyBERTConfig(**cfg))
     compressor.attach(model)
     hardware = SimpleNamespace(channel_multiple=channel_multiple)
-    compressor.prepare(SimpleNamespace(hardware=hardware, model=BertClassifierConfig(), run_dir=Path("/nonexistent")),
+    compressor.prepare(SimpleNamespace(hardware=hardware, model=BertClassifierConfig(), run_dir=RunDir(Path("/nonexistent"))),
                        None)
     return compressor
 

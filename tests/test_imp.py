@@ -9,12 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_resume import kill_when, start
+from test_resume import kill_when, stage_files, start
 
 from conftest import TINY, metrics_of, one_line_error
 from effml.compressors.base import Stage
 from effml.compressors.imp import IMPConfig, IterativeMagnitudePruning, finds_own_ticket, keep_largest
 from effml.models.lenet import LeNet
+from effml.paths import RunDir
 
 LENET = ["train", "recipe=lth_lenet", *TINY, "data.batch_size=32", "trainer.val_check_interval=5",
          "measure.enabled=false"]
@@ -182,6 +183,7 @@ def test_kill_mid_level_then_rerun_gives_the_same_masks(tmp_path):
         assert all(torch.equal(mask, masks_b[level][k]) for k, mask in masks.items())
     metrics_a, metrics_b = metrics_of(straight), metrics_of(killed)
     assert metrics_a["compressors"]["imp"]["levels"] == metrics_b["compressors"]["imp"]["levels"]
+    assert stage_files(straight) == stage_files(killed)  # every end.pt and model.pt, byte for byte
 
 
 @pytest.mark.slow  # minutes on 2 CPUs: make test-slow
@@ -196,7 +198,7 @@ def test_lth_bert_shuffle_control_and_transfer_to_subjectivity(effml, tmp_path):
     assert code == 0, err
     code, _, err = effml(*bert[:1], "recipe=lth_bert_transfer", *bert[2:])
     assert code == 0, err
-    ticket = next(d for d in (tmp_path / "outputs" / "lth_bert").glob("*/seed_0") if finds_own_ticket(d))
+    ticket = next(d for d in (tmp_path / "outputs" / "lth_bert").glob("*/seed_0") if finds_own_ticket(RunDir(d)))
     shuffled = next(d for d in (tmp_path / "outputs" / "lth_bert").glob("*/seed_0") if d != ticket)
     transfer = next((tmp_path / "outputs" / "lth_bert_transfer").glob("*/seed_0"))
     masks = level_masks(ticket)[1]

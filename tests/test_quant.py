@@ -203,13 +203,22 @@ def test_a_forced_int8_kernel_runs_for_real_on_cpu(effml, tmp_path, from_dense):
     assert "Int8" in type(model["features.1.weight"]).__name__
 
 
-def test_under_measure_an_unavailable_kernel_leaves_the_layer_simulated_and_says_why(effml, tmp_path):
+def test_under_measure_a_kernel_outside_the_allow_list_is_one_line_too(effml, tmp_path):
+    """Once: simulated layers and a reason in kernels.layers, a finished run that could never get the
+    kernel asked for. Now the same line as under selection=force, before anything is written."""
     code, _, err = effml("train", "compressor=ptq", "compressor.kernel=fp8_dynamic", "trainer.max_epochs=1", *DIGITS)
+    one_line_error(code, err, "kernel fp8_dynamic is not in hardware.kernels (cpu allows int8_dynamic, int8_weight_only)")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_under_measure_an_allowed_kernel_that_cannot_run_leaves_the_layer_simulated_and_says_why(effml, tmp_path):
+    code, _, err = effml("train", "compressor=ptq", "compressor.kernel=fp8_dynamic", "hardware.kernels=[fp8_dynamic]",
+                         "trainer.max_epochs=1", *DIGITS)
     assert code == 0, err
     m = metrics(tmp_path, "custom")
     layers = m["kernels"]["layers"]
     assert [d["kernel"] for d in layers] == ["dense", "dense"]
-    assert all("fp8_dynamic: not in hardware.kernels" in d["reason"] for d in layers)
+    assert all("fp8_dynamic: " in d["reason"] and "CUDA" in d["reason"] for d in layers), layers
     assert m["compressors"]["ptq"]["kernels"] == {"simulated": 2}
 
 

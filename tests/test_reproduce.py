@@ -435,14 +435,14 @@ def test_a_failed_run_is_missing_and_the_others_are_kept(finished, effml, monkey
     monkeypatch.setenv("EFFML_RECIPES", finished.env["EFFML_RECIPES"])
     pruned_seed_2 = ["recipe=magnitude_lenet", "seed=2", "compressor.sparsity=0.5", *TINY]
     broken = runner.plan(compose_config(pruned_seed_2))
-    checkpoint = broken.run_dir / "stages" / "00_train" / "checkpoints" / "last.ckpt"
+    checkpoint = broken.run_dir.stage(0, "train").last_checkpoint
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"not a checkpoint")  # pruned seed 2 fails when it starts training
     code, out, _ = effml("reproduce", "tiny", "--seeds", "0,1,2", *TINY)
     assert code == 1
     assert out.count("finished already") == 4  # seeds 0 and 1 of both series, skipped by effml train
     assert "corrupt" in out  # the failed job's own message, streamed
-    assert f"missing: pruned seed 2: no {broken.run_dir / 'metrics.json'}" in out.replace("\n", "")
+    assert f"missing: pruned seed 2: no {broken.run_dir.metrics}" in out.replace("\n", "")
     summary = json.loads((tmp_path / "outputs" / "tables" / "tiny" / "summary.json").read_text())
     n = {cell["series"]: cell["n"] for cell in summary["cells"]}
     assert n == {"dense": 3, "pruned": 2}  # dense seed 2 ran; pruned kept its two finished seeds

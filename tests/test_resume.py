@@ -3,6 +3,8 @@ uninterrupted run ends (same masks, same weights, same metrics)."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import os
 import signal
@@ -47,6 +49,20 @@ def kill_when(process: subprocess.Popen, marker_glob: str, cwd: Path, timeout: f
     raise AssertionError(f"{marker_glob} never appeared")
 
 
+def stage_files(root: Path) -> dict[str, str]:
+    """sha256 of every finished stage's end.pt and of model.pt, by path inside the run."""
+    run_dir = next(root.rglob("metrics.json")).parent
+    files = [*run_dir.glob("stages/*/end.pt"), run_dir / "model.pt"]
+    return {str(f.relative_to(run_dir)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def stage_logs(root: Path) -> dict[str, list[dict]]:
+    """Each stage's CSV log rows (no times in them: they match bit for bit after an exact resume)."""
+    logs = sorted(root.rglob("logs/csv/*/metrics.csv"))
+    assert logs
+    return {log.parent.name: list(csv.DictReader(log.open())) for log in logs}
+
+
 def final_state(root: Path) -> tuple[dict, dict]:
     run_dir = next(root.rglob("metrics.json")).parent
     stages = sorted((run_dir / "stages").glob("*/end.pt"))
@@ -76,6 +92,8 @@ def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path, schedule, mar
 
     model_a, metrics_a = final_state(straight)
     model_b, metrics_b = final_state(killed)
+    assert stage_files(straight) == stage_files(killed)  # byte for byte: sha256 sums agree
+    assert stage_logs(straight) == stage_logs(killed)  # the whole curve, though the run restarted
     masks = [k for k in model_a if k.endswith("weight_mask")]
     assert masks and all(torch.equal(model_a[k], model_b[k]) for k in masks)
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)  # every weight, bit for bit
@@ -87,7 +105,7 @@ def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path, schedule, mar
 def test_checkpoints_are_written_in_the_background_from_a_snapshot(tmp_path):
     """The state is copied when saved: training may change the tensors while the thread writes; the
     file appears only complete (a rename), and a failed write is raised at the next wait."""
-    from effml.runner import BackgroundCheckpointIO
+    from effml.checkpoints import BackgroundCheckpointIO
 
     writer = BackgroundCheckpointIO()
     weights = torch.ones(1000, 100)
@@ -98,8 +116,9 @@ def test_checkpoints_are_written_in_the_background_from_a_snapshot(tmp_path):
     saved = torch.load(path, weights_only=True)
     assert saved["epoch"] == 3 and torch.equal(saved["state_dict"]["w"], torch.ones(1000, 100))
     assert not list(tmp_path.glob("*.tmp"))
-    writer.save_checkpoint({"w": weights}, tmp_path / "missing" / "last.ckpt")
-    with pytest.raises(RuntimeError, match="does not exist"):  # torch.save's error, raised here
+    (tmp_path / "a_file").touch()
+    writer.save_checkpoint({"w": weights}, tmp_path / "a_file" / "last.ckpt")
+    with pytest.raises(OSError):  # the write's error (its folder cannot be made), raised here
         writer.wait()
 
 

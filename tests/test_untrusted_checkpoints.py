@@ -72,7 +72,7 @@ def own_run_dir(*overrides: str) -> Path:
     from effml import runner
     from effml.cli.compose import compose_config
 
-    return runner.plan(compose_config(list(overrides))).run_dir
+    return runner.plan(compose_config(list(overrides))).run_dir.path
 
 
 # -- the payload is live: loaded the unsafe way, it runs ------------------------------------------
@@ -160,9 +160,9 @@ def test_a_stage_s_last_ckpt(effml, tmp_path, sentinel, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_lightning_itself_loads_last_ckpt_weights_only(effml, tmp_path, sentinel, kind, monkeypatch):
     """Behind the runner's check, Lightning's own load of ``last.ckpt`` refuses the payload too."""
-    from effml import runner
+    from effml import checkpoints
 
-    monkeypatch.setattr(runner, "check_loadable", lambda path, what: None)
+    monkeypatch.setattr(checkpoints, "check_loadable", lambda path, what, mmap=False: {"global_step": 0})
     plant(own_run_dir("recipe=dense_lenet", *DIGITS) / "stages" / "00_train" / "checkpoints" / "last.ckpt",
           kind, sentinel)
     code, _, err = effml("train", "recipe=dense_lenet", *DIGITS)
@@ -206,7 +206,7 @@ def test_the_masks_source_s_end_pt(effml, tmp_path, sentinel, kind, source):
 # -- what effml writes loads safely -----------------------------------------------------------------------
 def test_every_file_a_run_writes_loads_weights_only(effml, tmp_path):
     """end.pt, last.ckpt (RNG states included) and model.pt of a pruning run: tensors and plain data."""
-    code, _, err = effml("train", "recipe=magnitude_lenet", *DIGITS)
+    code, _, err = effml("train", "recipe=magnitude_lenet", *DIGITS, "trainer.keep_last=true")
     assert code == 0, err
     files = sorted([*tmp_path.rglob("*.pt"), *tmp_path.rglob("*.ckpt")])
     assert {f.name for f in files} == {"end.pt", "last.ckpt", "model.pt"}
@@ -222,7 +222,7 @@ def test_a_resume_state_round_trips_the_rngs():
 
     import numpy as np
 
-    from effml.runner import ResumeState
+    from effml.checkpoints import ResumeState
 
     state = ResumeState().state_dict()
     expected = (np.random.random(3), random.random(), torch.rand(3))

@@ -197,11 +197,11 @@ def guard(monkeypatch):
 
 def final_state(root):
     run_dir = metrics_of(root)["run_dir"]
-    return torch.load(sorted((root / run_dir / "stages").glob("*/end.pt"))[-1], weights_only=False)
+    return torch.load(sorted((root / run_dir / "stages").glob("*/end.pt"))[-1], weights_only=True)
 
 
 def test_data_free_run_never_reads_training_data_and_resumes_exactly(effml, tmp_path, monkeypatch, guard):
-    from effml.runner import LastCheckpoint
+    from effml.checkpoints import LastCheckpoint
 
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     straight.mkdir(), stopped.mkdir()

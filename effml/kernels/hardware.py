@@ -16,7 +16,7 @@ import torch
 
 from effml.errors import EffmlError
 
-if TYPE_CHECKING:  # the config schema imports OmegaConf; benchmarks on bare GPU nodes import this module
+if TYPE_CHECKING:
     from effml.config import HardwareConfig
 
 SDPA = {
@@ -29,13 +29,11 @@ CPU_SDPA = ("flash", "math")  # PyTorch's CPU flash kernel exists; cuDNN/efficie
 
 
 def preset(name: str) -> HardwareConfig:
-    from omegaconf import OmegaConf
+    """``conf/hardware/<name>.yaml`` as a validated ``HardwareConfig``, without Hydra or OmegaConf
+    (benchmarks on bare GPU nodes read the presets through this too)."""
+    from effml.config import HardwareConfig, preset_values
 
-    from effml.config import HardwareConfig, conf_dir
-
-    node = OmegaConf.load(conf_dir() / "hardware" / f"{name}.yaml")
-    node.pop("defaults", None)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(HardwareConfig), node))
+    return HardwareConfig(**preset_values("hardware", name))
 
 
 def detect_preset() -> str:

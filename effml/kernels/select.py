@@ -38,6 +38,7 @@ from torch import nn
 from effml import measure
 from effml.errors import EffmlError
 from effml.kernels.library import kernel
+from effml.paths import atomic_write_text
 
 TIMING = {"warmup": 3, "iters": 10, "min_time_s": 0.05, "max_iters": 200, "max_time_s": 2.0}
 # A layer is timed over this many back-to-back calls per synchronization on a GPU: inside a model its
@@ -72,9 +73,10 @@ def precision_dtype(precision: str) -> torch.dtype:
 
 
 def check_allowed(hardware: Any, name: str) -> None:
-    """Forcing a kernel never overrides the target's allow-list (``hardware.kernels``): one line."""
+    """A kernel a method names must be on the target's allow-list (``hardware.kernels``), whatever the
+    selection mode (forcing never overrides it): one line."""
     if name not in hardware.kernels:
-        raise EffmlError(f"hardware.selection=force: kernel {name} is not in hardware.kernels "
+        raise EffmlError(f"kernel {name} is not in hardware.kernels "
                          f"({hardware.name} allows {', '.join(hardware.kernels) or 'none'})")
 
 
@@ -113,9 +115,7 @@ class TimingCache:
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             merged = {**self._read(), **self.new}
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(merged, indent=0, sort_keys=True))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps(merged, indent=0, sort_keys=True))
         self.new = {}
 
 

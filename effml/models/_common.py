@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from effml.data import DataInfo
 from effml.errors import EffmlError
 
@@ -24,3 +26,12 @@ def check_positive(field: str, value: float) -> None:
 def check_choice(field: str, value, choices) -> None:
     if value not in choices:
         raise EffmlError(f"{field} must be one of {', '.join(map(str, choices))}, got {value}")
+
+
+def relu_mlp(in_features: int, widths: list[int]) -> tuple[list[nn.Module], int]:
+    """``Linear → ReLU`` for each width, in order, and the last width (``in_features`` if none)."""
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [nn.Linear(in_features, width), nn.ReLU()]
+        in_features = width
+    return layers, in_features

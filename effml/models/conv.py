@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from effml.data import DataInfo
 from effml.errors import EffmlError
-from effml.models._common import check_choice, check_positive, image_shape
+from effml.models._common import check_choice, check_positive, image_shape, relu_mlp
 from effml.registry import MODELS
 
 PAIR_WIDTHS = (64, 128, 256)  # filters of the conv pairs, in order
@@ -53,13 +53,9 @@ class ConvNet(nn.Module):
             layers.append(nn.MaxPool2d(2))
             height, width = height // 2, width // 2
         self.features = nn.Sequential(*layers, nn.Flatten())
-        fc: list[nn.Module] = []
-        in_features = channels * height * width
-        for hidden in FC_WIDTHS:
-            fc += [nn.Linear(in_features, hidden), nn.ReLU()]
-            in_features = hidden
+        fc, out_features = relu_mlp(channels * height * width, FC_WIDTHS)
         self.fc = nn.Sequential(*fc)
-        self.classifier = nn.Linear(in_features, num_classes)
+        self.classifier = nn.Linear(out_features, num_classes)
 
     @classmethod
     def from_config(cls, cfg: ConvConfig, info: DataInfo) -> ConvNet:

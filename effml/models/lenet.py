@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from effml.data import DataInfo
-from effml.models._common import check_positive, image_shape
+from effml.models._common import check_positive, image_shape, relu_mlp
 from effml.registry import MODELS
 
 
@@ -31,12 +31,9 @@ class LeNet(nn.Module):
 
     def __init__(self, in_features: int, hidden: list[int], num_classes: int):
         super().__init__()
-        layers: list[nn.Module] = [nn.Flatten()]
-        for width in hidden:
-            layers += [nn.Linear(in_features, width), nn.ReLU()]
-            in_features = width
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(in_features, num_classes)
+        layers, out_features = relu_mlp(in_features, hidden)
+        self.features = nn.Sequential(nn.Flatten(), *layers)
+        self.classifier = nn.Linear(out_features, num_classes)
 
     @classmethod
     def from_config(cls, cfg: LeNetConfig, info: DataInfo) -> LeNet:
