@@ -102,7 +102,9 @@ class Built:
     task: ClassificationTask
     compressors: list[Compressor]
     dense_reference: torch.nn.Module  # the uncompressed architecture, for side-by-side speed
-    stages: list[Stage]
+    stages: list[Stage]  # stage_plan(compressors): labels decided
+
+
 def build(p: Plan) -> Built:
     t = p.typed
     L.seed_everything(p.cfg.seed, workers=True, verbose=False)

@@ -62,6 +62,9 @@ def linears(model: nn.Module) -> list[nn.Linear]:
 
 
 def compose_preset(preset: str):
+    from effml.config import register_schemas
+
+    register_schemas()  # the presets' schemas (test_config did it at import time, when run first)
     with initialize_config_dir(config_dir=str(PRESET_DIR.parent), version_base="1.3"):
         return compose(overrides=[f"+model={preset}"]).model
 
