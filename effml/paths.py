@@ -11,8 +11,9 @@ docs/ARCHITECTURE.md §2)::
         model.pt  [model/]                         the finalized weights (an HF export beside them)
         metrics.json                               the run finished; never touched again
 
-Nothing else in effml spells these names: code asks a ``RunDir`` or a ``StageDir``. Every file that
-must never be seen half-written goes through :func:`atomic_file`.
+Code asks a ``RunDir`` or a ``StageDir`` for these paths rather than spell them (``effml report``
+alone searches folders for ``metrics.json`` by name). Every file that must never be seen
+half-written goes through :func:`atomic_file`.
 """
 
 from __future__ import annotations
