@@ -264,3 +264,25 @@ def test_a_whole_model_gain_below_the_margin_is_not_kept(cpu, monkeypatch):
     *layers, whole = select.convert_linears(model, {"fc1": ["int8_dynamic"], "fc2": ["int8_dynamic"]}, INPUTS, cpu)
     assert whole.kernel == "dense" and "selected 1.02x" in whole.reason
     assert all(d.kernel == "dense" for d in layers) and type(model.fc1.weight.data) is torch.Tensor
+
+
+def test_forced_fp8_training_keeps_a_layer_fp8_cannot_take_dense_instead_of_refusing_the_run(monkeypatch):
+    """A 2-class head (768 -> 2) is no multiple of 16: under selection=force it stays dense with the
+    reason recorded, the other layers go fp8 (it refused the whole run, so no 2-class BERT could train
+    in fp8 forced). The device is faked: here only the decision logic runs."""
+    from types import SimpleNamespace
+
+    from effml.kernels import fp8_training
+
+    def unsupported(layer, device, dtype):
+        return None if layer.in_features % 16 == 0 and layer.out_features % 16 == 0 else "widths not multiples of 16"
+
+    monkeypatch.setattr(fp8_training.library, "kernel", lambda name: SimpleNamespace(unsupported=unsupported))
+    monkeypatch.setattr(fp8_training, "_float8", lambda layer: nn.Identity())
+    monkeypatch.setattr(fp8_training, "_train_timings", lambda *args: {"dense": 1.0, "fp8": 2.0})
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 2))
+    hardware = SimpleNamespace(name="fake", accelerator="cpu", fp8_training=True, selection="force",
+                               selection_margin=1.05, kernels=[], kernel_cache="", precision="32-true")
+    decisions = fp8_training.apply(model, hardware, {"input": torch.randn(4, 32)})
+    assert [d.kernel for d in decisions] == ["fp8_training", "dense"]
+    assert "widths not multiples of 16" in decisions[1].reason and isinstance(model[0], nn.Identity)

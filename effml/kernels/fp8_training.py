@@ -8,7 +8,8 @@ run's bf16 autocast. Eligible: a GPU of sm_89 or newer, both widths divisible by
 The scale computation costs extra kernels, so on small layers or short sequences fp8 can lose to
 bf16. Under ``hardware.selection=measure`` each layer's forward + backward on the run's training
 shape is timed both ways (cached like every kernel timing) and fp8 is kept only where it is faster
-by ``selection_margin``; ``force`` converts every eligible layer (and refuses a device that cannot);
+by ``selection_margin``; ``force`` converts every eligible layer (and refuses a device that cannot;
+a layer whose widths fp8 cannot take, such as a 2-class head, stays dense with the reason recorded);
 ``off`` converts none. Weights keep their names, so checkpoints are unchanged and resume works.
 """
 
@@ -36,14 +37,15 @@ def apply(model: nn.Module, hardware: Any, example_inputs: Mapping[str, Any]) ->
     if not getattr(hardware, "fp8_training", False):
         return []
     selector = KernelSelector(hardware)
+    device_cannot = library.kernel("fp8_dynamic").unsupported(nn.Linear(16, 16), selector.device, selector.dtype)
+    if device_cannot and hardware.selection == "force":
+        raise EffmlError(f"hardware.fp8_training with selection=force: this device cannot train in fp8: {device_cannot}")
     paths = linear_paths(model)
     shapes = input_shapes(model, example_inputs, paths)
     for path in paths:
         layer = model.get_submodule(path)
         shape = f"x{list(shapes.get(path, ()))} w{list(layer.weight.shape)} fwd+bwd"
         why_not = library.kernel("fp8_dynamic").unsupported(layer, selector.device, selector.dtype)
-        if why_not and hardware.selection == "force":
-            raise EffmlError(f"hardware.fp8_training with selection=force: {path} cannot train in fp8: {why_not}")
         if why_not or hardware.selection == "off" or path not in shapes:
             reason = why_not or ("hardware.selection=off" if hardware.selection == "off" else "not reached by the inputs")
             selector.decisions.append(Decision(path, "dense", f"dense: {reason}", shape))
