@@ -73,10 +73,10 @@ def _leaves(t: torch.Tensor) -> Iterator[torch.Tensor]:
 
 
 def _effective_weight(module: nn.Module) -> torch.Tensor:
-    """The weight the forward uses; recomputed for torch.nn.utils.prune so it is never stale."""
-    if hasattr(module, "weight_orig") and hasattr(module, "weight_mask"):
-        return module.weight_orig.detach() * module.weight_mask
-    return _values(module.weight.detach())
+    """The weight the forward uses (masks' cache never stale: effml.compressors._masks), as plain values."""
+    from effml.compressors._masks import effective_weight
+
+    return _values(effective_weight(module))
 
 
 def _effective_params(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

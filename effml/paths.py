@@ -43,6 +43,10 @@ class StageDir:
         return self.path.name
 
     @property
+    def label(self) -> str:
+        return self.path.name.split("_", 1)[1]  # after the NN_ index
+
+    @property
     def end(self) -> Path:
         return self.path / "end.pt"
 
@@ -111,8 +115,7 @@ class RunDir:
     def stage_end(self, key: str) -> Path | None:
         """The ``end.pt`` of the finished stage of ``key`` (its label is the key, or owner_key when
         keys collided; its index depends on the run)."""
-        labels = lambda s: s.name.split("_", 1)[1]  # noqa: E731
-        return next((s.end for s in self.finished_stages() if labels(s) == key or labels(s).endswith(f"_{key}")), None)
+        return next((s.end for s in self.finished_stages() if s.label == key or s.label.endswith(f"_{key}")), None)
 
 
 def runs_of(output_root: str | Path, recipe: str, seed: int, config_hash: str | None = None,
