@@ -7,6 +7,7 @@ metrics.json (filled by the runner; every key optional, the table skips what is 
     seed              int
     test_acc, val_acc float in [0, 1] (the final, compressed model)
                       or {"dense": float, "compressed": float}
+    test_ppl, test_bpb, val_*  language models: perplexity, bits per byte (and test_loss, NLL per token)
     sparsity          measure.sparsity_report(...) without "layers":
                       {"sparsity", "prunable_weights", "nonzero_prunable", "params_total", "params_nonzero"}
     target_sparsity   float               what the recipe asked for
@@ -104,6 +105,17 @@ def _accuracy_rows(m: Mapping[str, Any]) -> list[Row]:
     return rows
 
 
+LM_METRICS = (("ppl", "perplexity", "{:.2f}"), ("bpb", "bits per byte", "{:.4f}"), ("loss", "loss (nats/token)", "{:.4f}"))
+
+
+def _language_model_rows(m: Mapping[str, Any]) -> list[Row]:
+    """Perplexity, bits per byte and loss of a language model (lower is better), test then val."""
+    if "test_ppl" not in m:
+        return []
+    return [(f"{split} {label}", "", fmt.format(m[f"{split}_{key}"]), "")
+            for split in ("test", "val") for key, label, fmt in LM_METRICS if m.get(f"{split}_{key}") is not None]
+
+
 def _cost_row(label: str, dense: float | None, comp: float | None, fmt, gain: float | None = None) -> Row:
     """A row where less is better: gain = dense / compressed unless given."""
     return (label, fmt(dense), fmt(comp), _x(gain if gain is not None else _div(dense, comp)))
@@ -182,6 +194,9 @@ def _speed_rows(m: Mapping[str, Any]) -> list[Row]:
                 speed.get("train_speedup"),
             )
         )
+    for key, label in (("tokens_per_s", "tokens/s (inference)"), ("train_tokens_per_s", "tokens/s (training)")):
+        if key in d or key in c:  # language models: more is better
+            rows.append(_cost_row(label, d.get(key), c.get(key), _si, _div(c.get(key), d.get(key))))
     return rows
 
 
@@ -204,6 +219,7 @@ def _run_rows(m: Mapping[str, Any]) -> list[Row]:
             f"{st['time_s']:.1f} s" if st.get("time_s") is not None else "",
             f"val {_pct(st['val_acc'])}" if st.get("val_acc") is not None else "",
             f"test {_pct(st['test_acc'])}" if st.get("test_acc") is not None else "",
+            f"val ppl {st['val_ppl']:.2f}" if st.get("val_ppl") is not None else "",
             f"{st['epochs']} ep" if st.get("epochs") is not None else "",
             f"{_pct(st['weights_remaining'])} weights" if st.get("weights_remaining") is not None else "",
         ]
@@ -255,7 +271,7 @@ def summary_table(metrics: Mapping[str, Any]) -> Table:
     table.add_column("compressed", justify="right")
     table.add_column("gain", justify="right")
     sections = [
-        _accuracy_rows(m),
+        _accuracy_rows(m) + _language_model_rows(m),
         _weight_rows(m),
         _flops_rows(m),
         [(f"measured on {device}", "", "", "")] + _speed_rows(m) if _speed_rows(m) else [],
@@ -311,14 +327,15 @@ def load_metrics(path: str | os.PathLike) -> dict[str, Any]:
 def runs_table(runs: list[Mapping[str, Any]]) -> Table:
     """One row per finished run: what `effml report outputs/<recipe>` prints for a sweep."""
     table = Table(title=f"{len(runs)} runs")
-    for column in ("recipe", "hash", "seed", "test acc", "sparsity", "FLOPs gain", "speedup", "train time"):
+    for column in ("recipe", "hash", "seed", "test acc | ppl", "sparsity", "FLOPs gain", "speedup", "train time"):
         table.add_column(column, justify="left" if column in ("recipe", "hash") else "right", no_wrap=column == "hash")
     for m in runs:
         flops, speed = m.get("flops") or {}, m.get("speed") or {}
         acc = m.get("test_acc")
         acc = acc.get("compressed") if isinstance(acc, Mapping) else acc
         table.add_row(
-            str(m.get("recipe", "")), str(m.get("hash", "")), str(m.get("seed", "")), _pct(acc),
+            str(m.get("recipe", "")), str(m.get("hash", "")), str(m.get("seed", "")),
+            _pct(acc) if acc is not None or "test_ppl" not in m else f"ppl {m['test_ppl']:.2f}",
             _pct((m.get("sparsity") or {}).get("sparsity")),
             _x(_div(flops.get("dense"), flops.get("effective"))), _x(speed.get("speedup")),
             f"{m['train_time_s']:.1f} s" if m.get("train_time_s") is not None else "",

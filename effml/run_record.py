@@ -100,21 +100,28 @@ def measure_and_collect_metrics(p: Plan, b: Built, records: list[dict], final: d
 def measure_speed(p: Plan, dense, compressed, datamodule) -> dict:
     m, h = p.typed["measure"], p.typed["hardware"]
     dtype = torch.bfloat16 if h.precision.startswith("bf16") else torch.float16 if h.precision.startswith("16") else None
-    labels = None
-    if m.train_step:  # random labels: the step's cost does not depend on their values
-        generator = torch.Generator().manual_seed(0)
-        labels = torch.randint(datamodule.info.num_classes, (m.batch_size,), generator=generator)
+    labels = datamodule.example_labels(m.batch_size) if m.train_step else None  # values do not change the cost
     with hw.kernel_context(h):
         speed = measure.compare_dense_compressed(
             dense, compressed, datamodule.example_inputs(m.batch_size), "cuda" if h.accelerator == "gpu" else "cpu",
             dtype=dtype, labels=labels, warmup=m.warmup, iters=m.iters, min_time_s=m.min_time_s,
         )
+    if datamodule.info.task == "lm":  # a sample is a block of seq_len tokens: say it in tokens too
+        add_tokens_per_s(speed, datamodule.info.seq_len)
     flops = {
         "dense": speed["dense"]["flops_per_sample"],
         "compressed": speed["compressed"]["flops_per_sample"],
         "effective": speed["compressed"]["effective_flops_per_sample"],
     }
     return {"flops": flops, "speed": speed}
+
+
+def add_tokens_per_s(speed: dict, tokens_per_sample: int) -> None:
+    speed["tokens_per_sample"] = tokens_per_sample
+    for side in ("dense", "compressed"):
+        for key, out in (("throughput", "tokens_per_s"), ("train_throughput", "train_tokens_per_s")):
+            if key in speed[side]:
+                speed[side][out] = speed[side][key] * tokens_per_sample
 
 
 # -- process hygiene -------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from effml.kernels import hardware as hw
 from effml.paths import RunDir, StageDir, check_writable, unwritable
 from effml.registry import COMPRESSORS, DATASETS, MODELS
 from effml.run_record import measure_and_collect_metrics, run_lock, run_log, save_run_record
-from effml.task import ClassificationTask
+from effml.task import Task, make_task
 from effml.trainer import compiled, keep_on_gpu, make_trainer
 
 log = logging.getLogger("effml")
@@ -70,10 +70,24 @@ class Plan:
 def plan(cfg: DictConfig, group: str | None = None) -> Plan:
     """Validate the composed config and decide where the run lives; writes nothing."""
     typed = to_typed(cfg)
+    check_task(typed)
     composed_configs(typed)  # a pair that cannot compose is refused here, before anything is written
     typed["hardware"] = hw.resolve(typed["hardware"])
     check_writable(cfg.output_root)
     return Plan(cfg, typed, identity.run_dir(cfg.output_root, cfg.name, typed, cfg.seed), group)
+
+
+TASK_WORDS = {"classification": "classification", "lm": "language-modelling"}
+
+
+def check_task(typed: dict) -> None:
+    """The model and the dataset are for the same task (``task`` of each class; classification unless said)."""
+    model, data = typed["model"].name, typed["data"].name
+    model_task = getattr(MODELS.get(model).target, "task", "classification")
+    data_task = DATASETS.get(data).target.task
+    if model_task != data_task:
+        raise EffmlError(f"model {model} is a {TASK_WORDS[model_task]} model but data {data} is a "
+                         f"{TASK_WORDS[data_task]} dataset; choose a model and data of the same task")
 
 
 def run(cfg: DictConfig, group: str | None = None) -> dict:
@@ -99,7 +113,7 @@ def run(cfg: DictConfig, group: str | None = None) -> dict:
 @dataclass
 class Built:
     datamodule: Any
-    task: ClassificationTask
+    task: Task
     compressors: list[Compressor]
     dense_reference: torch.nn.Module  # the uncompressed architecture, for side-by-side speed
     stages: list[Stage]  # stage_plan(compressors): labels decided
@@ -113,6 +127,7 @@ def build(p: Plan) -> Built:
     datamodule = DATASETS.get(t["data"].name).target(
         t["data"], seed=p.cfg.seed, tokenizer=tokenizer_for(t["model"]) if tokenizer_for else None
     )
+    datamodule.restore_from(p.run_dir)  # a rerun uses the tokenizer its first attempt trained
     datamodule.setup()
     model = model_entry.target.from_config(t["model"], datamodule.info)
     dense_reference = copy.deepcopy(model)
@@ -125,7 +140,7 @@ def build(p: Plan) -> Built:
     context = p.context()
     for compressor in compressors:
         compressor.prepare(context, datamodule)
-    task = ClassificationTask(model, t["trainer"], compressors)
+    task = make_task(datamodule.info, model, t["trainer"], compressors)
     return Built(datamodule, task, compressors, dense_reference, stage_plan(compressors))
 
 
@@ -150,6 +165,7 @@ def execute(p: Plan, b: Built) -> dict:
     check_resumable(p, b.stages)  # a corrupt checkpoint stops the run before anything is rewritten
     select_attention(p, b)
     save_run_record(p)
+    b.datamodule.save_to(p.run_dir)
     records = train_stages(p, b)
     for compressor in b.compressors:
         b.task.model = compressor.finalize(b.task.model, p.typed["hardware"])
@@ -157,11 +173,22 @@ def execute(p: Plan, b: Built) -> dict:
     for compressor in b.compressors:
         deployed = compressor.deployable(deployed)
     checkpoints.save_model(p.run_dir.model, deployed)
+    export_pretrained(p, deployed, b.datamodule)
     final = evaluate(p, b.task, b.datamodule)
     metrics = measure_and_collect_metrics(p, b, records, final, deployed)
     report.write_metrics(p.run_dir.metrics, metrics)
     report.print_summary(metrics)
     return metrics
+
+
+def export_pretrained(p: Plan, deployed: torch.nn.Module, datamodule) -> None:
+    """A model that exports itself in transformers' format (the LMs) is saved to ``<run>/model``,
+    with its tokenizer, unless a compressor wrote that folder already."""
+    save = getattr(deployed, "save_pretrained", None)
+    if save is None or p.run_dir.export.exists():
+        return
+    tokenizer = getattr(datamodule.tokenizer, "as_transformers", None)
+    save(p.run_dir.export, tokenizer=tokenizer() if tokenizer else None)
 
 
 def select_attention(p: Plan, b: Built) -> None:
@@ -265,8 +292,8 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: StageDir, b: Built) -> dict:
         "time_s": round(clock.elapsed(), 3),
     }
     with hw.kernel_context(t["hardware"]):  # every stage's model is evaluated: a level of IMP is a result
-        record["val_acc"] = trainer.validate(task, datamodule=datamodule, verbose=False)[0]["val/acc"]
-        record["test_acc"] = trainer.test(task, datamodule=datamodule, verbose=False)[0]["test/acc"]
+        record.update(task.record(trainer.validate(task, datamodule=datamodule, verbose=False)[0], "val"))
+        record.update(task.record(trainer.test(task, datamodule=datamodule, verbose=False)[0], "test"))
     for compressor in compressors:
         record.update(compressor.end_stage(stage, record) or {})
     task.compressors = list(compressors)
@@ -277,12 +304,12 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: StageDir, b: Built) -> dict:
     return record
 
 
-def evaluate(p: Plan, task: ClassificationTask, datamodule) -> dict:
-    """Validation and test accuracy of the finalized (compressed) model."""
+def evaluate(p: Plan, task: Task, datamodule) -> dict:
+    """The task's validation and test metrics (and the test loss) of the finalized (compressed) model."""
     keep = p.typed["hardware"].accelerator == "gpu" and measure.holds_kernels(task.model)
     trainer = make_trainer(p, p.run_dir.final, max_epochs=1, callbacks=[], logger_version="final",
                            strategy=keep_on_gpu() if keep else "auto")
     with hw.kernel_context(p.typed["hardware"]):
         val = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
         test = trainer.test(task, datamodule=datamodule, verbose=False)[0]
-    return {"val_acc": val["val/acc"], "test_acc": test["test/acc"], "test_loss": test["test/loss"]}
+    return {**task.record(val, "val"), **task.record(test, "test"), "test_loss": test["test/loss"]}

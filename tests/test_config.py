@@ -26,6 +26,9 @@ def test_every_recipe_composes_and_plans(recipe):
     assert plan.run_dir.recipe == recipe and plan.run_dir.path.name == "seed_0"
 
 
+LM_PAIR = ["model=lm_tiny", "data=embedded_english"]
+
+
 @pytest.mark.parametrize("group", ["model", "data", "compressor", "hardware", "trainer", "logger"])
 def test_every_preset_composes(group):
     for option in presets(group):
@@ -33,7 +36,9 @@ def test_every_preset_composes(group):
             cfg = compose_config([f"{group}={option}"])  # composes; planning needs the GPU
             assert to_typed(cfg)["hardware"].accelerator == "gpu"
             continue
-        plan = runner.plan(compose_config([f"{group}={option}"]))
+        lm = option.startswith("lm_") or option == "embedded_english"  # a language model needs LM data
+        other = [a for a in LM_PAIR if not a.startswith(f"{group}=")] if lm else []
+        plan = runner.plan(compose_config([f"{group}={option}", *other]))
         if isinstance(preset := presets(group)[option], GeneratedPreset):
             assert plan.typed[group] == preset.node()  # the preset is its dataclass's defaults
 

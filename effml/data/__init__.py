@@ -7,12 +7,17 @@ Contract every datamodule follows (the runner and the compressors rely on it):
   ``input_ids``/``attention_mask`` for text), so ``model(**inputs)`` returns logits;
 - the train loader is a ``ResumableLoader`` shuffling with ``EpochSeededSampler``: a run resumed at an
   epoch boundary or mid-epoch sees the batches an uninterrupted run sees;
-- ``example_inputs(batch_size)`` returns a batch of model inputs (no labels) for measurement.
+- ``example_inputs(batch_size)`` returns a batch of model inputs (no labels) for measurement, and
+  ``example_labels(batch_size)`` labels of that shape for timing a training step;
+- ``task`` (class attribute, also in ``info``) names the task the labels are for: ``classification``
+  or ``lm``; ``restore_from(run_dir)`` / ``save_to(run_dir)`` keep what a rerun must reuse (a trained
+  tokenizer).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -24,6 +29,9 @@ class DataInfo:
     num_train: int = 0
     num_val: int = 0
     num_test: int = 0
+    task: str = "classification"  # "classification" | "lm" (next-token prediction: num_classes is the vocabulary)
+    token_bytes: Any = None  # lm: int64 tensor, bytes of text per token id (bits per byte)
+    seq_len: int | None = None  # lm: tokens per block
 
 
 # The shared building blocks, importable as ``effml.data.X`` (after DataInfo, which they use).

@@ -187,6 +187,8 @@ def load_from_hub(name: str, *args: Any, cache_dir: str | None = None, hint: str
 class EffmlDataModule(L.LightningDataModule):
     """Base datamodule: subclasses implement ``load()`` returning the three splits and the info."""
 
+    task = "classification"  # what the labels are for (effml.task.TASKS); the LM corpora say "lm"
+
     def __init__(self, cfg: DataConfig, seed: int = 0, tokenizer: Any = None):
         super().__init__()
         self.cfg, self.seed, self.tokenizer = cfg, seed, tokenizer
@@ -208,6 +210,12 @@ class EffmlDataModule(L.LightningDataModule):
     def info(self) -> DataInfo:
         self.setup()
         return self._info
+
+    def restore_from(self, run_dir) -> None:
+        """Before ``setup``: reuse what an earlier attempt of this run saved (none here)."""
+
+    def save_to(self, run_dir) -> None:
+        """Once the run folder exists: save what a rerun must reuse (none here)."""
 
     def train_val_indices(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Hold ``val_size`` out of a train pool of ``n`` with the split seed; apply ``train_subset``."""
@@ -262,3 +270,7 @@ class EffmlDataModule(L.LightningDataModule):
         batch = self.collate([test[i % len(test)] for i in range(batch_size)])
         batch.pop("labels")
         return batch
+
+    def example_labels(self, batch_size: int) -> torch.Tensor:
+        """Labels for ``example_inputs``' batch, to time a training step (values do not change its cost)."""
+        return torch.randint(self.info.num_classes, (batch_size,), generator=torch.Generator().manual_seed(0))
