@@ -136,6 +136,13 @@ class SwitchFFN(nn.Module):
                     layer.b_out.copy_(b_out.expand_as(layer.b_out))
         return layer
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave out the last forward's losses: tensors inside a graph cannot be
+        deep-copied (``copy.deepcopy(model)`` after a training step would fail)."""
+        state = self.__dict__.copy()
+        state.update(router_loss=None, aux_loss=None, z_loss=None)
+        return state
+
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, gated={self.gated}, "
                 f"top_k={self.top_k}, capacity_factor={self.capacity_factor}/{self.eval_capacity_factor}, "
