@@ -361,3 +361,46 @@ def test_running_statistics_per_mode_and_reset():
     assert train["aux_loss"] == pytest.approx(m.aux_loss.item(), rel=0.2)
     m.reset_stats()
     assert m.stats("train") is None and m.stats("eval") is None
+
+
+# -- inside a transformers decoder ---------------------------------------------------------------------------
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(config)
+
+
+def test_in_a_llama_decoder_trains_and_its_state_dict_round_trips():
+    """What the compressor will do: swap a block's MLP, add the router loss to the LM loss, train."""
+    model = _tiny_llama()
+    dense_mlp = model.model.layers[1].mlp
+    model.model.layers[1].mlp = SwitchFFN.from_dense(dense_mlp, 4, capacity_factor=1.0)
+    layer = model.model.layers[1].mlp
+    router_before = layer.router.weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(15):
+        lm_loss = model(input_ids=ids, labels=ids).loss
+        (lm_loss + pop_router_loss(model)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(lm_loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    assert not torch.equal(layer.router.weight, router_before)
+    assert not torch.equal(layer.w_in[0], layer.w_in[1])  # the upcycled copies diverged
+    stats = layer.stats("train")
+    assert stats["forwards"] == 15 and stats["tokens"] == 15 * 64 and sum(stats["load"]) == 15 * 64
+
+    twin = _tiny_llama()
+    twin.model.layers[1].mlp = SwitchFFN.from_dense(twin.model.layers[1].mlp, 4, capacity_factor=1.0)
+    twin.load_state_dict(model.state_dict())
+    model.eval()
+    twin.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert {k for k in model.state_dict() if ".mlp." in k and k.startswith("model.layers.1.")} == {
+        f"model.layers.1.mlp.{n}" for n in ("router.weight", "w_in", "w_out")}  # Llama's MLP has no bias
