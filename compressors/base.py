@@ -160,6 +160,7 @@ class Compressor(L.Callback):
 
     smoke: ClassVar[Smoke] = Smoke()
     owns: ClassVar[frozenset[str]] = frozenset()  # keys of OWNED: what this method changes
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)  # the tasks (effml.task.TASKS) it works on
 
     @classmethod
     def effect(cls, name: str, metrics: dict[str, Any]) -> str | None:

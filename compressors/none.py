@@ -16,3 +16,5 @@ class NoneConfig(CompressorConfig):
 @COMPRESSORS.register("none", NoneConfig)
 class NoCompression(Compressor):
     """Dense baseline: no compression, one training stage."""
+
+    tasks = ("classification", "lm")

@@ -15,4 +15,8 @@ SETUPS: dict[str, tuple[str, ...]] = {
              "data.eval_batch_size=16", "trainer.limit_train_batches=2", "model.pretrained=null",
              "+model.hf_config.hidden_size=32", "+model.hf_config.num_hidden_layers=2",
              "+model.hf_config.num_attention_heads=4", "+model.hf_config.intermediate_size=64"),
+    # a 2-layer Llama-style LM (width 32) on 32-byte blocks of the embedded English corpus
+    "lm": ("model=lm_tiny", "data=embedded_english", "data.tokenizer=bytes", "data.seq_len=32",
+           "data.train_subset=64", "data.batch_size=16", "model.hidden=32", "model.layers=2", "model.heads=2",
+           "model.ffn=64", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"),
 }

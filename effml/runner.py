@@ -88,6 +88,11 @@ def check_task(typed: dict) -> None:
     if model_task != data_task:
         raise EffmlError(f"model {model} is a {TASK_WORDS[model_task]} model but data {data} is a "
                          f"{TASK_WORDS[data_task]} dataset; choose a model and data of the same task")
+    for config in composed_configs(typed):
+        tasks = COMPRESSORS.get(config.name).target.tasks
+        if data_task not in tasks:
+            raise EffmlError(f"compressor {config.name} works on {' and '.join(TASK_WORDS[t] for t in tasks)} runs, "
+                             f"not on {TASK_WORDS[data_task]} (data {data})")
 
 
 def run(cfg: DictConfig, group: str | None = None) -> dict:

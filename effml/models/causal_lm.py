@@ -14,6 +14,7 @@ task (``effml.task.LanguageModelTask``) shifts nothing, since the corpus's label
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,11 @@ from torch import Tensor, nn
 from effml.data import DataInfo
 from effml.errors import EffmlError
 from effml.models._common import check_positive
+from effml.models.switch import SwitchFFN
+from effml.paths import atomic_write_text
 from effml.registry import MODELS
+
+SWITCH_FILE = "switch.json"  # beside an export whose blocks hold Switch layers (compressors/switch_moe.py)
 
 
 @dataclass
@@ -86,20 +91,45 @@ class CausalLM(nn.Module):
         return list(self.lm.model.layers)
 
     def save_pretrained(self, folder: str | Path, tokenizer=None) -> None:
-        """transformers' export (config.json, model.safetensors), plus the tokenizer when given."""
+        """transformers' export (config.json, model.safetensors), plus the tokenizer when given, and
+        ``switch.json`` naming the blocks whose FFN is a Switch layer (``load_exported`` rebuilds them)."""
         self.lm.save_pretrained(folder, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
+        experts = {i: switch_options(block.mlp) for i, block in enumerate(self.blocks()) if isinstance(block.mlp, SwitchFFN)}
+        if experts:
+            atomic_write_text(Path(folder, SWITCH_FILE), json.dumps(experts, indent=1))
 
 
 def load_exported(folder: str, vocab_size: int) -> nn.Module:
-    from transformers import LlamaForCausalLM
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     if not Path(folder, "config.json").is_file():
         raise EffmlError(f"model.pretrained={folder} is not a saved language model (no config.json); "
                          "give a finished run's model/ folder")
-    lm = LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
+    switch = Path(folder, SWITCH_FILE)
+    if switch.is_file():  # Switch layers first, then the weights, all of which then have a place
+        lm = LlamaForCausalLM(LlamaConfig.from_pretrained(folder, attn_implementation="sdpa"))
+        for i, options in json.loads(switch.read_text()).items():
+            block = lm.model.layers[int(i)]
+            block.mlp = SwitchFFN.from_dense(block.mlp, upcycle=False, **options)
+        missing, unexpected = lm.load_state_dict(load_file(Path(folder, "model.safetensors")), strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:  # the head is tied to the embedding: saved once
+            raise EffmlError(f"{folder} does not fit its {SWITCH_FILE}: {(unexpected or sorted(missing))[0]}")
+        lm.tie_weights()
+    else:
+        lm = LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
     if lm.config.vocab_size != vocab_size:
         raise EffmlError(f"{folder} has a vocabulary of {lm.config.vocab_size} tokens, the dataset's tokenizer "
                          f"{vocab_size}; train on the data it was trained on")
     return lm.train()
+
+
+def switch_options(layer: SwitchFFN) -> dict:
+    """The keywords that rebuild ``layer`` with ``SwitchFFN.from_dense`` (weights aside)."""
+    return {"num_experts": layer.num_experts, "top_k": layer.top_k, "capacity_factor": layer.capacity_factor,
+            "eval_capacity_factor": layer.eval_capacity_factor, "jitter_eps": layer.jitter_eps,
+            "router_dtype": layer.router_dtype, "aux_loss_coef": layer.aux_loss_coef,
+            "z_loss_coef": layer.z_loss_coef, "expert_dropout": layer.expert_dropout.p,
+            "init_scale": layer.init_scale, "dispatch": layer.dispatch}
