@@ -46,6 +46,8 @@ is the handler registered for its type in ``claims.CHECKS``:
   chance" (``value: 20`` for 10 classes).
 - ``recovers``: (series − than) / (reference − than) >= ``min_fraction``, at the reference x: "the
   skeptical student recovers most of the gap the nasty teacher opened" (``min_fraction: 0.5``).
+- ``steadier``: the sample std over seeds of ``series`` <= ``max_ratio`` × that of ``than``: "the
+  0.1x init varies less across seeds than 1.0x" (Switch Transformers, Table 3).
 
 Tables without x (one point per run) use the same claims: every series has one cell, x is ignored.
 

@@ -83,7 +83,17 @@ class RecoversClaim(ClaimBase):
     min_fraction: float | None = None
 
 
-Claim = ReachesClaim | ExceedsClaim | AboveClaim | RecoversClaim
+@dataclass
+class SteadierClaim(ClaimBase):
+    """The spread over seeds: the sample std of ``series`` is at most ``max_ratio`` × that of ``than``
+    (at the lowest common x), e.g. Switch's Table 3: 0.1x init varies less across seeds than 1.0x."""
+
+    kind: ClassVar[str] = "steadier"
+    than: str | None = None
+    max_ratio: float = 1.0
+
+
+Claim = ReachesClaim | ExceedsClaim | AboveClaim | RecoversClaim | SteadierClaim
 
 
 @dataclass
@@ -153,6 +163,12 @@ def recovers_problem(claim: RecoversClaim, spec: TableSpec) -> str | None:
     if reference_series(claim, spec) is None:
         return "recovers needs a reference series (the high end of the gap)"
     return None
+
+
+def steadier_problem(claim: SteadierClaim, spec: TableSpec) -> str | None:
+    if claim.than is None:
+        return "steadier needs 'than' (the series whose spread it undercuts)"
+    return None if claim.max_ratio > 0 else f"max_ratio must be > 0; got {claim.max_ratio:g}"
 
 
 def reference_series(claim: ReachesClaim | RecoversClaim, spec: TableSpec) -> str | None:
@@ -292,6 +308,21 @@ def check_recovers(claim: RecoversClaim, spec: TableSpec, cells: Cells) -> Claim
     return ClaimResult(claim.name, claim.kind, fraction >= claim.min_fraction, fraction, claim.min_fraction, detail)
 
 
+def check_steadier(claim: SteadierClaim, spec: TableSpec, cells: Cells) -> ClaimResult:
+    """Passes when std(series) <= max_ratio × std(than), each over its seeds (>= 2 of them)."""
+    d = spec.y.decimals
+    ours, theirs = cells.get(claim.series, {}), cells.get(claim.than, {})
+    common = sorted((x for x in ours if x in theirs), key=x_order)
+    if not common or min(ours[common[0]].n, theirs[common[0]].n) < 2:
+        return ClaimResult(claim.name, claim.kind, False, None, claim.max_ratio,
+                           f"needs 2 or more seeds of both {claim.series} and {claim.than}")
+    a, b = ours[common[0]], theirs[common[0]]
+    limit = claim.max_ratio * b.std
+    detail = (f"std over seeds: {claim.series} {a.std:.{d + 1}f} (n={a.n}), {claim.than} {b.std:.{d + 1}f} "
+              f"(n={b.n}); needs <= {claim.max_ratio:g} × {b.std:.{d + 1}f}")
+    return ClaimResult(claim.name, claim.kind, a.std <= limit, a.std, limit, detail)
+
+
 # --------------------------------------------------------------------------- the registries
 
 CHECKS: dict[type, Callable[[Any, TableSpec, Cells], ClaimResult]] = {
@@ -299,11 +330,13 @@ CHECKS: dict[type, Callable[[Any, TableSpec, Cells], ClaimResult]] = {
     ExceedsClaim: check_exceeds,
     AboveClaim: check_above,
     RecoversClaim: check_recovers,
+    SteadierClaim: check_steadier,
 }
 PROBLEMS: dict[type, Callable[[Any, TableSpec], str | None]] = {
     ReachesClaim: reaches_problem,
     ExceedsClaim: exceeds_problem,
     AboveClaim: above_problem,
     RecoversClaim: recovers_problem,
+    SteadierClaim: steadier_problem,
 }
 CLAIM_TYPES: dict[str, type] = {claim_type.kind: claim_type for claim_type in CHECKS}  # YAML kind → dataclass
