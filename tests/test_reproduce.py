@@ -148,6 +148,17 @@ def test_above_compares_with_a_fixed_bar(tmp_path, value, passed):
     assert result.passed is passed and result.ours == pytest.approx(88.1)
 
 
+@pytest.mark.parametrize("max_ratio, passed", [(1.0, True), (0.1, False)])
+def test_steadier_compares_the_spread_over_seeds(tmp_path, max_ratio, passed):
+    """Switch Transformers' Table 3 as a claim: std over seeds of one series against another's."""
+    cells = cells_of({**GAP_CELLS, "nasty": {None: [78.0, 80.0, 82.0]}, "skeptical": {None: [88.0, 88.5, 89.0]}})
+    result = claim(tmp_path, GAP_TABLE, cells, kind="steadier", series="skeptical", than="nasty", max_ratio=max_ratio)
+    assert result.passed is passed and result.ours == pytest.approx(0.5) and result.threshold == pytest.approx(2.0 * max_ratio)
+    one_seed = claim(tmp_path, GAP_TABLE, cells_of({**GAP_CELLS, "nasty": {None: [80.0]}}), kind="steadier",
+                     series="skeptical", than="nasty")
+    assert not one_seed.passed and "2 or more seeds" in one_seed.detail
+
+
 def test_new_claim_kinds_need_their_fields(tmp_path):
     with pytest.raises(EffmlError, match="above needs a value"):
         spec_of(tmp_path, GAP_TABLE, claims=[{"name": "c", "kind": "above", "series": "nasty"}])
@@ -474,7 +485,7 @@ def test_every_shipped_claim_kind_loads_as_its_dataclass():
     "claim, message",
     [
         ({"name": "c", "kind": "beats", "series": "alone"},
-         "claim 'c': kind must be one of reaches, exceeds, above, recovers; got 'beats'"),
+         "claim 'c': kind must be one of reaches, exceeds, above, recovers, steadier; got 'beats'"),
         ({"name": "c", "series": "alone"}, "claim 'c': kind must be one of reaches, exceeds, above, recovers"),
         ({"name": "c", "kind": "above", "series": "alone", "value": 20, "margin": 1},
          "claim 'c': Key 'margin' not in 'AboveClaim'"),  # a field of another kind is no silent no-op

@@ -139,3 +139,16 @@ def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path):
     assert metrics_a["compressors"]["switch_moe"] == metrics_b["compressors"]["switch_moe"]
     assert metrics_a["test_ppl"] == metrics_b["test_ppl"]
     assert Path(next(killed.rglob("moe_load.png"))).exists()
+
+
+@pytest.mark.e2e
+def test_upcycling_a_finished_dense_run_from_the_command_line(effml, tmp_path):
+    """init_from names the dense run as teachers are named; the Switch run starts from its weights."""
+    code, _, err = effml("train", *TINY, *smoke_args("lm", ["none"]))
+    assert code == 0, err
+    dense_dir = tmp_path / metrics_of(tmp_path / "outputs")["run_dir"]
+    code, _, err = effml("train", *TINY, *smoke_args("lm", ["switch_moe"]), "compressor.init_from.source=run",
+                         f"compressor.init_from.path={dense_dir}", "output_root=upcycled")
+    assert code == 0, err
+    report = metrics_of(tmp_path / "upcycled")["compressors"]["switch_moe"]
+    assert report["upcycled_from"] == str(dense_dir)
