@@ -37,6 +37,7 @@ class Task(L.LightningModule):
 
     name: ClassVar[str]
     recorded: ClassVar[tuple[str, ...]]  # the metrics a stage's record keeps (val_<m>, test_<m>)
+    progress_bar: ClassVar[tuple[str, ...]] = ()  # the metrics shown while training (never the train loss)
 
     def __init__(self, model: nn.Module, cfg: TrainerConfig, compressors=()):
         super().__init__()
@@ -45,6 +46,10 @@ class Task(L.LightningModule):
         self.compressors = list(compressors)  # callbacks, not submodules: their state travels via Lightning
         self.lr_scale = 1.0  # set per stage by the runner (Stage.lr_scale)
         self.stage_label = "train"  # set per stage by the runner, for messages
+
+    @classmethod
+    def for_data(cls, info, model: nn.Module, cfg: TrainerConfig, compressors=()) -> Task:
+        return cls(model, cfg, compressors)
 
     def forward(self, **inputs) -> torch.Tensor:
         return self.model(**inputs)
@@ -60,8 +65,6 @@ class Task(L.LightningModule):
             show = name in self.progress_bar and (name != "loss" or split != "train")
             self.log(f"{split}/{name}", value, batch_size=weight, prog_bar=show, on_epoch=True, on_step=False)
         return loss, logits
-
-    progress_bar: ClassVar[tuple[str, ...]] = ()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, logits = self._step(batch, "train")
@@ -100,7 +103,6 @@ class Task(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
 
 
 class ClassificationTask(Task):
@@ -154,6 +156,10 @@ class LanguageModelTask(Task):
                                      for name, transform in (("ppl", torch.exp), ("bpb", nats_to_bits))})
         self._last_step_at: float | None = None
 
+    @classmethod
+    def for_data(cls, info, model: nn.Module, cfg: TrainerConfig, compressors=()) -> Task:
+        return cls(model, cfg, compressors, token_bytes=info.token_bytes)
+
     def metrics(self, logits, labels, split):
         nll = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), reduction="sum")
         tokens = torch.tensor(labels.numel(), device=labels.device)
@@ -167,7 +173,7 @@ class LanguageModelTask(Task):
         now = time.perf_counter()  # wall clock between steps (data included): what a user waits for
         if self._last_step_at is not None:
             self.log("train/tok_s", batch["labels"].numel() / (now - self._last_step_at), prog_bar=True,
-                     on_step=True, on_epoch=False, batch_size=1)
+                     logger=False, on_step=True, on_epoch=False, batch_size=1)  # a time: not in the logs
         self._last_step_at = now
         return super().training_step(batch, batch_idx)
 
@@ -184,9 +190,7 @@ TASKS: dict[str, type[Task]] = {"classification": ClassificationTask, "lm": Lang
 
 def make_task(info, model: nn.Module, cfg: TrainerConfig, compressors=()) -> Task:
     """The task the dataset's labels are for (``DataInfo.task``)."""
-    if info.task == "lm":
-        return LanguageModelTask(model, cfg, compressors, token_bytes=info.token_bytes)
-    return TASKS[info.task](model, cfg, compressors)
+    return TASKS[info.task].for_data(info, model, cfg, compressors)
 
 
 def lr_factor(cfg: TrainerConfig, total_steps: int):
