@@ -192,6 +192,12 @@ class ChannelPlan:
 def _unwrap(model: nn.Module) -> nn.Module:
     """A copy without ``torch.nn.utils.prune`` reparametrization (``weight`` a Parameter again, with
     the masked values): DepGraph prunes ``module.weight``."""
+    for module in model.modules():
+        for param in ("weight", "bias"):
+            if hasattr(module, f"{param}_orig"):
+                # the cached product is a graph node, which deepcopy refuses; the next forward's
+                # pre-hook recomputes it anyway, so its detached value changes nothing
+                setattr(module, param, getattr(module, param).detach())
     model = copy.deepcopy(model)
     for module in model.modules():
         for param in ("weight", "bias"):
@@ -205,9 +211,10 @@ def _graph(model: nn.Module, inputs: Mapping[str, Tensor]) -> tp.DependencyGraph
     for s in shortcuts:
         s.tracing = True
     try:
-        return tp.DependencyGraph().build_dependency(
-            model, example_inputs=dict(inputs), customized_pruners={MappedShortcut: MappedShortcutPruner()},
-            forward_fn=lambda m, x: m(**x))
+        with torch.enable_grad():  # DepGraph traces autograd's graph, also when called under no_grad
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=dict(inputs), customized_pruners={MappedShortcut: MappedShortcutPruner()},
+                forward_fn=lambda m, x: m(**x))
     finally:
         for s in shortcuts:
             s.tracing = False
