@@ -74,7 +74,7 @@ def test_refill_keeps_the_channels_the_survivors_would_fill():
     rows = {n: m.flatten(1).sum(1) for n, m in survivors.items()}
     slth.begin_stage(Stage("level_01", owner="slth"), task)
     keep = slth.channels_kept()
-    for name, layer in slth.layers.items():
+    for name in slth.layers:
         expected = round(float(survivors[name].sum()) / survivors[name][0].numel())
         assert int(keep[name].sum()) == expected, name
         assert rows[name][keep[name]].min() >= rows[name][~keep[name]].max()  # the fullest rows stay
