@@ -79,9 +79,10 @@ lint: setup ## ruff over the code
 EARLYBERT_TIME ?= hardware=auto model=bert_base model.pretrained=null data.batch_size=256 data.num_workers=4 \
   measure.batch_size=256 trainer.max_epochs=3 compressor.check_every=4
 
-bench: setup ## measure dense vs compressed (magnitude, structured BERT, kernels, mask overhead, fp8 training, EarlyBERT end to end on a GPU); results in benchmarks/results/
+bench: setup ## measure dense vs compressed (magnitude, structured BERT, channel-pruned conv nets, kernels, mask overhead, fp8 training, EarlyBERT end to end on a GPU); results in benchmarks/results/
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/structured_bert.py
+	$(PY) benchmarks/structured_conv.py
 	$(PY) benchmarks/kernels_bert.py
 	$(PY) benchmarks/mask_overhead.py
 	$(PY) benchmarks/fp8_training.py
