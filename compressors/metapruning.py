@@ -409,7 +409,10 @@ class MetaPruning(Compressor):
 
     @torch.no_grad()
     def _accuracy(self, model: nn.Module, widths: dict[str, int], batches: list[dict]) -> float:
-        """Held-out accuracy of the structure with generated weights, BN statistics re-estimated first."""
+        """Held-out accuracy of the structure with generated weights, BN statistics re-estimated first.
+        The model's train/eval mode is put back after: Lightning's fit does not reset it, and a model
+        left in eval mode would retrain with frozen BN statistics."""
+        was_training = model.training
         self.generating = True
         self._set_masks(widths)
         norms = [m for m in model.modules() if isinstance(m, NORMS)]
@@ -430,6 +433,7 @@ class MetaPruning(Compressor):
             correct += int((logits.argmax(-1) == labels).sum())
             total += len(labels)
         self.generating = False
+        model.train(was_training)
         return correct / total
 
 

@@ -92,6 +92,7 @@ def test_search_keeps_to_the_budget_and_is_reproducible(tmp_path):
         mp.run_dir = SimpleNamespace(artifact=lambda name, folder=folder: folder / name)
         mp.begin_stage(Stage("retrain", owner="metapruning"), SimpleNamespace(model=model))
         assert mp.flops_fraction(mp.found) <= 0.4
+        assert model.training  # scoring put the model in eval mode; the retrain must not inherit it
         assert len(mp.search_log["best_per_iteration"]) == 2
         found.append(mp.found)
     assert found[0] == found[1]
