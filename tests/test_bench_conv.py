@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
+@pytest.mark.e2e  # CLI runs of seconds
 def test_quick_run_writes_both_files_with_fewer_flops(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "structured_conv.py"), "--quick", "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=300)

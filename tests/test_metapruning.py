@@ -119,6 +119,7 @@ def test_the_search_stops_when_the_pruningnet_is_at_chance(tmp_path):
         mp.begin_stage(Stage("retrain", owner="metapruning"), SimpleNamespace(model=model))
 
 
+@pytest.mark.e2e  # CLI runs of seconds
 @pytest.mark.parametrize("override, message", [
     ("compressor.flops_target=0", "compressor.flops_target must be in (0, 1]; got 0"),
     ("compressor.flops_target=0.001", "cannot be met: the smallest structure (min_ratio=0.1) keeps"),
@@ -131,6 +132,7 @@ def test_bad_input_is_one_line(effml, tmp_path, override, message):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.e2e  # CLI runs of seconds
 def test_a_model_without_channels_is_one_line(effml, tmp_path):
     code, _, err = effml("train", "recipe=metapruning_resnet", "model=lenet_300_100", "model.hidden=[]")
     one_line_error(code, err, "no conv or linear layer outside the output layer")

@@ -108,6 +108,7 @@ def test_rounding_to_the_channel_multiple():
     assert {g["kept"] for g in slth.report()["groups"].values() if g["before"] == 16} == {5}
 
 
+@pytest.mark.e2e  # CLI runs of seconds
 @pytest.mark.parametrize("override, message", [
     ("compressor.channel_budget=0", "compressor.channel_budget must be in (0, 1]; got 0"),
     ("compressor.channel_budget=1.5", "compressor.channel_budget must be in (0, 1]; got 1.5"),
