@@ -134,7 +134,7 @@ def test_bad_input_is_one_line(effml, tmp_path, override, message):
 
 @pytest.mark.e2e  # CLI runs of seconds
 def test_a_model_without_channels_is_one_line(effml, tmp_path):
-    code, _, err = effml("train", "recipe=metapruning_resnet", "model=lenet_300_100", "model.hidden=[]")
+    code, _, err = effml("train", "data=digits", "compressor=metapruning", "model=lenet_300_100", "model.hidden=[]")
     one_line_error(code, err, "no conv or linear layer outside the output layer")
 
 
