@@ -82,9 +82,10 @@ EARLYBERT_TIME ?= hardware=auto model=bert_base model.pretrained=null data.batch
 # The MoE dispatch benchmark runs its CPU case on one thread (a fair share of a loaded machine; MOE_THREADS=N to change)
 MOE_THREADS ?= 1
 
-bench: setup ## measure dense vs compressed (magnitude, structured BERT, kernels, mask overhead, fp8 training, MoE dispatch, EarlyBERT end to end on a GPU); results in benchmarks/results/
+bench: setup ## measure dense vs compressed (magnitude, structured BERT, channel-pruned conv nets, kernels, mask overhead, fp8 training, MoE dispatch, EarlyBERT end to end on a GPU); results in benchmarks/results/
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/structured_bert.py
+	$(PY) benchmarks/structured_conv.py
 	$(PY) benchmarks/kernels_bert.py
 	$(PY) benchmarks/mask_overhead.py
 	$(PY) benchmarks/fp8_training.py
