@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_resume import final_state, kill_when, stage_files, start
 from torch import nn
 
 from conftest import TINY, metrics_of, one_line_error, smoke_args
@@ -18,7 +19,6 @@ from effml.compressors.movement import (
     top_k_mask,
 )
 from effml.errors import EffmlError
-from test_resume import final_state, finish, kill_when, stage_files, start
 
 
 class Tiny(nn.Module):
