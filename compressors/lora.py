@@ -72,7 +72,11 @@ def nf4_api():
     """torchao's NF4 (the CPU and GPU backend here), or one line saying there is none."""
     try:
         from torchao.quantization import to_nf4
-        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, SubclassTensorArgs, linear_nf4
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (
+            NF4Tensor,
+            SubclassTensorArgs,
+            linear_nf4,
+        )
     except ImportError as error:
         raise EffmlError(f"compressor.qlora needs torchao's NF4 (or bitsandbytes on a GPU); neither is "
                          f"available here ({error}); use compressor.qlora=false") from None

@@ -102,8 +102,9 @@ def threshold_mask(scores: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def straight_through(mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """The binary mask in the forward, the identity towards the scores in the backward (§3)."""
-    return mask.detach() + scores - scores.detach()
+    """The binary mask in the forward, the identity towards the scores in the backward (§3). The
+    difference is taken first: it is exactly 0, so kept weights are multiplied by exactly 1."""
+    return mask.detach() + (scores - scores.detach())
 
 
 @COMPRESSORS.register("movement", MovementConfig)

@@ -15,6 +15,7 @@ from effml.compressors.movement import (
     MovementConfig,
     MovementPruning,
     scores_in_own_group,
+    straight_through,
     threshold_mask,
     top_k_mask,
 )
@@ -193,3 +194,9 @@ def finish_with(cwd, run):
     process = start(cwd, [], run=run)
     out, _ = process.communicate(timeout=600)
     assert process.returncode == 0, out
+
+
+def test_the_forward_mask_is_exactly_binary():
+    scores = torch.randn(50, 50) * 1e-3
+    mask = top_k_mask(scores, 0.5)
+    assert torch.equal(straight_through(mask, scores.requires_grad_()), mask)
