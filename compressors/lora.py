@@ -187,7 +187,7 @@ class LoRA(Compressor):
             if any(f".{m}." in f".{name}" for m in self.cfg.train_modules):
                 param.requires_grad_(True)
         if self.cfg.qlora:
-            self.quantized = quantize_frozen(self.peft_model.base_model.model.bert.encoder, self.cfg)
+            self.counts.update(quantize_frozen(self.peft_model.base_model.model.bert.encoder, self.cfg))
         self.counts["trainable_params"] = sum(p.numel() for p in self.peft_model.parameters() if p.requires_grad)
         self.counts["adapter_params"] = sum(p.numel() for n, p in self.peft_model.named_parameters() if "lora_" in n)
         return self.peft_model
@@ -235,14 +235,18 @@ class LoRA(Compressor):
         }
 
 
-def quantize_frozen(encoder: nn.Module, cfg: LoRAConfig) -> int:
-    """Store every frozen Linear of the encoder in NF4: the adapters' base layers and the rest."""
-    count = 0
+def quantize_frozen(encoder: nn.Module, cfg: LoRAConfig) -> dict:
+    """Store every frozen Linear of the encoder in NF4: the adapters' base layers and the rest. A
+    weight that is no whole number of NF4 blocks (a pruned ticket's odd width) stays in fp32, named."""
+    quantized, kept = 0, []
     for name, module in list(encoder.named_modules()):
         if isinstance(module, nn.Linear) and not module.weight.requires_grad and "lora_" not in name:
+            if module.weight.numel() % cfg.block_size:
+                kept.append(name)
+                continue
             replace(encoder, name, NF4Linear(module, cfg.block_size, cfg.scaler_block_size))
-            count += 1
-    return count
+            quantized += 1
+    return {"nf4_layers": quantized, "fp32_layers": kept}
 
 
 def full_finetuning_bytes(model: nn.Module) -> dict:
@@ -259,7 +263,7 @@ def requantization_error(model: nn.Module, cfg: LoRAConfig) -> dict:
     again would add: the merge is exact in fp32, a 4-bit deployment is not."""
     num = den = 0.0
     for module in model.bert.encoder.modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and not module.weight.numel() % cfg.block_size:  # those stored in NF4
             weight = module.weight
             again = NF4Linear(module, cfg.block_size, cfg.scaler_block_size).dequantized()
             num += float((again - weight).square().sum())

@@ -70,7 +70,8 @@ def test_qlora_stores_every_frozen_encoder_linear_in_nf4_in_plain_tensors():
     method = LoRA(LoRAConfig(qlora=True))
     model = method.attach(tiny_bert())
     nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]
-    assert len(nf4) == 2 * 6  # Q, K, V, attention output, FFN in and out of 2 layers
+    assert len(nf4) == 2 * 6 == method.counts["nf4_layers"]  # Q, K, V, attention output, FFN in/out of 2 layers
+    assert method.counts["fp32_layers"] == []
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
@@ -122,3 +123,18 @@ def test_lora_run_reports_counts_and_bytes_and_deploys_a_merged_model(effml, tmp
     assert 0 < report["memory_ratio"] < 1 and full["total"] > held["total"]
     model = torch.load(next((tmp_path / "outputs").rglob("model.pt")), weights_only=True)
     assert not any("lora_" in k or k.startswith("base_model") for k in model)
+
+
+@pytest.mark.slow  # two smoke runs, about a minute on 2 CPUs
+def test_lora_on_an_earlybert_ticket_adapts_the_physically_smaller_model(effml, tmp_path):
+    """Composition by pipeline: EarlyBERT's exported ticket (``<run>/model``) is LoRA's frozen base."""
+    code, _, err = effml("train", *TINY, *smoke_args("bert", ["earlybert"]))
+    assert code == 0, err
+    ticket = next((tmp_path / "outputs").rglob("model/config.json")).parent
+    smaller = metrics_of(tmp_path / "outputs")["sparsity"]["params_total"]
+    setup = [a for a in smoke_args("bert", ["lora"]) if not a.startswith(("model.pretrained", "+model.hf_config"))]
+    code, _, err = effml("train", *TINY, *setup, f"model.pretrained={ticket}", "output_root=lora_out")
+    assert code == 0, err
+    m = metrics_of(tmp_path / "lora_out")
+    assert m["compressors"]["lora"]["total_params"] == smaller  # the ticket, not a full-width model
+    assert m["compressors"]["lora"]["merged_layers"] == 4

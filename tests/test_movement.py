@@ -165,7 +165,7 @@ def test_soft_movement_prunes_by_threshold_on_the_bert_smoke(effml, tmp_path):
 
 
 RESUME_MOVEMENT = ["train", "data=digits", "model=vit_tiny", "model.dim=32", "model.depth=2", "model.heads=2",
-                   "compressor=movement", "data.train_subset=1200", "data.batch_size=50", "trainer.max_epochs=4",
+                   "compressor=movement", "data.train_subset=1000", "data.batch_size=50", "trainer.max_epochs=4",
                    "trainer.limit_val_batches=1", "trainer.limit_test_batches=2", "trainer.progress_bar=off",
                    "measure.enabled=false"]
 
