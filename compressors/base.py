@@ -145,6 +145,7 @@ OWNED = {
     "training quantization": "fake-quantizes the layers while they train",
     "modules": "adds modules of its own to the model (heads, exits, projections)",
     "training data": "replaces the training data",
+    "adapters": "trains low-rank adapters on frozen weights and merges them in at the end",
 }
 # Pairs of owned things that cannot meet in one run (each found to crash or to undo the other in the
 # composition matrix, tests/test_composition.py): each thing with itself; physical cuts, which rewind
@@ -152,7 +153,11 @@ OWNED = {
 # in training beside masks or added heads that wrap or tap the same layers.
 CONFLICTS = {frozenset({thing}) for thing in OWNED} | {
     frozenset(pair) for pair in [("structure", "masks"), ("structure", "quantization"), ("structure", "modules"),
-                                 ("training quantization", "masks"), ("training quantization", "modules")]}
+                                 ("training quantization", "masks"), ("training quantization", "modules"),
+                                 # a merged adapter fills pruned zeros; quantized or cut layers are not the
+                                 # ones the adapters wrap; another's added modules go unfrozen or unwrapped
+                                 ("adapters", "masks"), ("adapters", "quantization"), ("adapters", "structure"),
+                                 ("adapters", "training quantization"), ("adapters", "modules")]}
 
 
 class Compressor(L.Callback):
