@@ -23,6 +23,14 @@ Calibration (``fatrelu``, ``cats``) runs at the start of the stage on the first
 weights the stage starts with; the thresholds are buffers, so they travel in every checkpoint.
 The report measures each site's sparsity (the fraction of exact zeros) on validation data, over real
 tokens, after training.
+
+**The kernel that uses it** (``finalize``): the Linear that reads a site's output (a BERT FFN's
+``output.dense``, or the next Linear of an ``nn.Sequential``) may become a ``GatherLinear``
+(effml/kernels/sparse_ffn.py), which reads only the weight rows of each token's nonzero activations.
+As every kernel in effml, it goes through ``hardware.selection``: ``measure`` times the dense layer and
+the gather on the layer's real input (validation data at ``measure.batch_size``) and keeps the gather
+only if it is ``selection_margin`` faster; ``force`` converts every such layer; ``off`` none. The
+decisions, with both timings at that batch and at one example, go to ``kernel_decisions``.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ from effml.choice import check_choices, choice
 from effml.compressors._activations import find_activations, replace
 from effml.compressors.base import Compressor, CompressorConfig, RunContext, Smoke, Stage
 from effml.errors import EffmlError
+from effml.kernels.select import Decision
+from effml.kernels.sparse_ffn import GatherLinear, time_ms
 from effml.registry import COMPRESSORS
 from effml.teachers import TrainedWeightsConfig, load_weights, trained_state
 
@@ -156,7 +166,7 @@ class ActSparsity(Compressor):
         self.measured: dict[str, float] = {}
         self.replaced: dict[str, str] = {}  # site → the activation class it had
         self._here = False
-        self.start_test_acc: float | None = None
+        self.measure_batch = 8
 
     def stages(self) -> list[Stage]:
         return [Stage("train", self.cfg.epochs, self.name, self.cfg.lr_scale)]
@@ -174,6 +184,7 @@ class ActSparsity(Compressor):
 
     def prepare(self, ctx: RunContext, datamodule) -> None:
         self.datamodule = datamodule
+        self.measure_batch = ctx.measure.batch_size
         if self.cfg.weights.source != "none":
             state, where, run_dir = trained_state(self.cfg.weights, ctx.output_root, ctx.seed, datamodule.info,
                                                   "trained model")
@@ -218,6 +229,7 @@ class ActSparsity(Compressor):
 
     def finalize(self, model: nn.Module, hardware) -> nn.Module:
         self.measure_sparsity()
+        self.kernel_decisions = [d.as_dict() for d in self.choose_kernels(hardware)]
         return model
 
     def target_sparsity(self) -> float | None:
@@ -260,6 +272,66 @@ class ActSparsity(Compressor):
             self.model.train(was_training)
             for site in self.sites.values():
                 site.tokens = None
+
+    def readers(self) -> dict[str, str]:
+        """Each site's consumer Linear: a BERT FFN's output.dense, or the next Linear in a Sequential."""
+        found = {}
+        for path in self.sites:
+            parent, _, child = path.rpartition(".")
+            if child == "intermediate_act_fn" and parent.endswith(".intermediate"):
+                found[path] = parent[: -len("intermediate")] + "output.dense"
+            elif child.isdigit() and parent and isinstance(self.model.get_submodule(parent), nn.Sequential):
+                following = list(self.model.get_submodule(parent).named_children())[int(child) + 1:]
+                nxt = next((name for name, m in following if isinstance(m, nn.Linear)), None)
+                direct = all(not isinstance(m, (nn.Linear, nn.Conv2d)) for name, m in following
+                             if int(name) < int(nxt)) if nxt else False
+                if nxt and direct:
+                    found[path] = f"{parent}.{nxt}"
+        return {site: reader for site, reader in found.items()
+                if isinstance(self.model.get_submodule(reader), nn.Linear)}
+
+    def reader_inputs(self, readers: dict[str, str], n: int) -> dict[str, Tensor]:
+        """The real input of each reader on the first n validation examples (one batch)."""
+        inputs: dict[str, Tensor] = {}
+        handles = [self.model.get_submodule(reader).register_forward_pre_hook(
+            lambda module, args, reader=reader: inputs.setdefault(reader, args[0].detach())) for reader in readers.values()]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self.model(**next(self.batches("val", n)))
+        finally:
+            self.model.train(was_training)
+            for h in handles:
+                h.remove()
+        return inputs
+
+    def choose_kernels(self, hardware) -> list[Decision]:
+        readers = self.readers()
+        selection = getattr(hardware, "selection", "measure")
+        if not readers or selection == "off":
+            return [Decision(r, "dense", "hardware.selection=off", "") for r in readers.values()]
+        margin = getattr(hardware, "selection_margin", 1.05)
+        batch = self.reader_inputs(readers, self.measure_batch)
+        one = self.reader_inputs(readers, 1)
+        decisions = []
+        for reader in readers.values():
+            dense = self.model.get_submodule(reader)
+            gather = GatherLinear(dense)
+            x = batch[reader]
+            timings = {"dense": time_ms(dense, x), "gather": time_ms(gather, x),
+                       "dense_batch1": time_ms(dense, one[reader]), "gather_batch1": time_ms(gather, one[reader])}
+            speedup = timings["dense"] / timings["gather"]
+            keep = selection == "force" or speedup >= margin
+            reason = ("hardware.selection=force" if selection == "force" else
+                      f"{speedup:.2f}x at batch {x.shape[0]} (needs {margin}x); at one example "
+                      f"{timings['dense_batch1'] / timings['gather_batch1']:.2f}x")
+            if keep:
+                replace(self.model, reader, gather)
+            shape = f"x{list(x.shape)} w{list(dense.weight.shape)} {str(x.dtype).removeprefix('torch.')}"
+            decisions.append(Decision(reader, "gather" if keep else "dense", reason, shape,
+                                      {k: round(v, 4) for k, v in timings.items()}, selection == "force"))
+        return decisions
 
     def calibrate(self) -> None:
         for site in self.sites.values():

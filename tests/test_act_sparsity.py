@@ -112,3 +112,25 @@ def test_a_kill_mid_training_resumes_to_the_same_model(effml, tmp_path):
     straight, resumed = metrics_of(tmp_path / "straight"), metrics_of(tmp_path / "killed")
     assert straight["test_acc"] == resumed["test_acc"]
     assert straight["compressors"]["act_sparsity"] == resumed["compressors"]["act_sparsity"]
+
+
+@pytest.mark.e2e
+def test_the_gather_kernel_is_chosen_by_measurement_or_forced(effml, tmp_path):
+    # LeNet-300-100's ReLUs feed the next Linear: measured, the gather is kept only where it is faster;
+    # forced, every reader becomes a GatherLinear, and the model computes what it computed before
+    common = [*MLP, "compressor.kind=fatrelu", "compressor.target_sparsity=0.9", "trainer.max_epochs=1"]
+    assert effml(*common, "output_root=measured")[0] == 0
+    assert effml(*common, "hardware.selection=force", "output_root=forced")[0] == 0
+    measured, forced = metrics_of(tmp_path / "measured"), metrics_of(tmp_path / "forced")
+    decisions = measured["kernels"]["layers"] if "layers" in measured.get("kernels", {}) else None
+    for metrics in (measured, forced):
+        assert metrics["test_acc"] == measured["test_acc"]  # same function whichever kernel runs
+    # the ReLU between the two hidden Linears feeds features.3 (the last one feeds the classifier, outside
+    # the Sequential: not found, so left alone)
+    assert [d["layer"] for d in forced["kernels"]["layers"]] == ["features.3"]
+    assert all(d["kernel"] == "gather" and d["forced"] for d in forced["kernels"]["layers"])
+    assert decisions is not None and [d["layer"] for d in decisions] == ["features.3"]
+    assert decisions[0]["kernel"] in ("dense", "gather") and "x at batch 64" in decisions[0]["reason"]
+    assert set(decisions[0]["timings_ms"]) == {"dense", "gather", "dense_batch1", "gather_batch1"}
+    saved = torch.load(next((tmp_path / "forced").rglob("model.pt")), weights_only=True)
+    assert not any(k.endswith("weight_t") for k in saved)  # saved as the Linear it replaced

@@ -62,8 +62,9 @@ class GatherLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_t", linear.weight.detach().t().contiguous())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        # parameters (frozen), so that counts of the model's parameters still see them
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     @property
     def weight(self) -> Tensor:  # what measurements of the model read as the layer's weight
@@ -81,9 +82,10 @@ class GatherLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         if prefix + "weight" in state_dict:
-            self.weight_t.copy_(state_dict[prefix + "weight"].t())
-            if self.bias is not None:
-                self.bias.copy_(state_dict[prefix + "bias"])
+            with torch.no_grad():
+                self.weight_t.copy_(state_dict[prefix + "weight"].t())
+                if self.bias is not None:
+                    self.bias.copy_(state_dict[prefix + "bias"])
         elif strict:
             missing_keys.append(prefix + "weight")
 
