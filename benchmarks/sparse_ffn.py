@@ -143,9 +143,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="few rounds: the code path, not a measurement")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--suffix", default="")
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds per case (median)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    rounds, calls = (3, 2) if args.quick else (20, None)
+    rounds, calls = (3, 2) if args.quick else (args.rounds, None)
     cases = []
     for shape in args.shapes:
         hidden, ffn = SHAPES[shape]

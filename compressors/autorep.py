@@ -27,8 +27,9 @@ multiplications, so the goal is accuracy at a ReLU budget.
 
 The ReLU count is per example (what a private inference evaluates): an element unit counts 1, a
 channel unit H·W, a layer unit the layer's whole activation. Private-inference cost: no two-party
-library runs against the locked torch (CrypTen 0.4 pins an older torch), so the report gives a
-*cost model*, labelled as one (``pi_cost_model``).
+library runs here (CrypTen 0.4.1, its last release, does not install against the locked torch 2.13: it
+requires the deprecated ``sklearn`` PyPI package, whose build fails by design, and targets torch 1.x),
+so the report gives a *cost model*, labelled as one (``pi_cost_model``).
 """
 
 from __future__ import annotations

@@ -162,3 +162,16 @@ def test_a_kill_mid_mask_training_resumes_to_the_same_model(effml, tmp_path):
     assert straight["compressors"]["autorep"] == resumed["compressors"]["autorep"]
     record = json.loads(next(tmp_path.glob("killed/**/01_mask/record.json")).read_text())
     assert record["relu_count"] <= straight["compressors"]["autorep"]["relu_budget"]
+
+
+def test_the_table_runs_the_dense_models_first_and_draws_only_the_two_methods(tmp_path):
+    from effml.tables.spec import find_table, load_spec
+
+    spec = find_table("autorep")
+    assert [s.key for s in spec.series] == ["dense", "autorep", "layer"] and spec.series[0].prerequisite
+    assert [s.key for s in spec.shown_series] == ["autorep", "layer"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("title: t\npaper: p\nrecipe: autorep\ny: {key: test_acc}\n"
+                   "series: [{key: dense, prerequisite: true}, {key: a}]\nreference: {series: dense}\n")
+    with pytest.raises(EffmlError, match="reference.series: unknown series 'dense'; choose from: a"):
+        load_spec(bad)

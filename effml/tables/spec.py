@@ -140,7 +140,8 @@ def spec_problem(spec: TableSpec) -> str | None:
     if not shown:
         return "series: needs at least one series that is not a prerequisite"
     if spec.reference and spec.reference.series not in shown:
-        return f"reference.series: unknown series '{spec.reference.series}'; choose from: {', '.join(keys)}"
+        return (f"reference.series: unknown series '{spec.reference.series}'; choose from: {', '.join(shown)}"
+                + (" (prerequisite series are not drawn)" if spec.reference.series in keys else ""))
     for key in spec.paper_numbers.values:
         if key not in keys:
             return f"paper_numbers.values: unknown series '{key}'; choose from: {', '.join(keys)}"
