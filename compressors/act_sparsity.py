@@ -152,7 +152,8 @@ class ActSparsity(Compressor):
     @classmethod
     def effect(cls, name: str, metrics: dict) -> str | None:
         report = metrics["compressors"][name]
-        if report["kind"] in ("cats", "fatrelu") and report["mean_sparsity"] < 0.8 * report["target_sparsity"]:
+        # calibrated at the start of the stage; training after it (with another method's loss too) drifts
+        if report["kind"] in ("cats", "fatrelu") and report["mean_sparsity"] < 0.5 * report["target_sparsity"]:
             return f"measured activation sparsity {report['mean_sparsity']:.3f}, far below {report['target_sparsity']}"
         if report["kind"] == "relufy" and report["mean_sparsity"] <= 0:
             return "no zero activations after ReLU-fication"
