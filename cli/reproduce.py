@@ -259,7 +259,7 @@ def collect(spec: TableSpec, plans: list[SeriesPlan], seeds: list[int], command:
     missing: list[Missing] = []
     seeds_done: dict[str, set[int]] = defaultdict(set)
     devices: set[str] = set()
-    for job in (job for plan in plans for job in plan.jobs):
+    for job in (job for plan in plans if not plan.series.prerequisite for job in plan.jobs):
         if not job.metrics.exists():
             missing.append(Missing(job.series, job.seed, f"no {job.metrics} (not run, or it failed: see the "
                                                           "log above or run.log beside it)"))

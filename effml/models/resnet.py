@@ -69,11 +69,14 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = shortcut(option, in_planes, planes, stride)
+        # Activations are modules (no parameters, so the weights' keys are unchanged) so that methods
+        # acting on activations can swap them: AutoReP's ReLU replacement, FATReLU.
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return self.relu2(out + self.shortcut(x))
 
 
 @MODELS.register("resnet", ResNetConfig)
@@ -85,6 +88,7 @@ class ResNet(nn.Module):
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
         stages, planes = [], width
         for i, mult in enumerate((1, 2, 4)):
             blocks = []
@@ -110,6 +114,6 @@ class ResNet(nn.Module):
         return cls(channels, cfg.depth, cfg.width, cfg.shortcut, info.num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.classifier(self.pool(x).flatten(1))

@@ -44,7 +44,7 @@ def _lines(axes, outcome: Outcome) -> None:
     spec = outcome.spec
     paper = spec.paper_values()
     our_x, paper_x = set(), set()
-    for i, s in enumerate(spec.series):
+    for i, s in enumerate(spec.shown_series):
         label = s.label or s.key
         our_x.update(_our_line(axes, f"C{i}", label, outcome.cells.get(s.key, {})))
         paper_x.update(_paper_line(axes, f"C{i}", label, paper.get(s.key, {})))
@@ -109,12 +109,12 @@ def pick_ticks(ours: list[float], paper: list[float], log: bool, min_gap: float 
 def _bars(axes, outcome: Outcome) -> None:
     spec = outcome.spec
     paper = spec.paper_values()
-    labels = [s.label or s.key for s in spec.series]
-    cells = [find_cell(outcome.cells, s.key, None) for s in spec.series]
-    positions = range(len(spec.series))
+    labels = [s.label or s.key for s in spec.shown_series]
+    cells = [find_cell(outcome.cells, s.key, None) for s in spec.shown_series]
+    positions = range(len(spec.shown_series))
     axes.bar(positions, [c.mean if c else 0 for c in cells], yerr=[c.std if c else 0 for c in cells],
              color=[f"C{i}" for i in positions], capsize=4, alpha=0.85, label="ours (mean ± std)")
-    published = [(i, paper[s.key][None]) for i, s in enumerate(spec.series) if None in paper.get(s.key, {})]
+    published = [(i, paper[s.key][None]) for i, s in enumerate(spec.shown_series) if None in paper.get(s.key, {})]
     if published:
         axes.plot([i for i, _ in published], [y for _, y in published], "ks", markerfacecolor="none",
                   linestyle="none", label="paper")

@@ -124,7 +124,7 @@ def _grid_by_series(outcome: Outcome, paper: dict[str, dict[float | None, float]
     spec, d = outcome.spec, outcome.spec.y.decimals
     header = ["series", f"ours: {spec.y.label or spec.y.key} (n)"] + (["paper"] if paper else [])
     rows = []
-    for s in spec.series:
+    for s in spec.shown_series:
         row = [s.label or s.key, series_cell_text(outcome, s.key, None)]
         if paper:
             row.append(_paper_text(paper.get(s.key, {}).get(None), d))
@@ -135,14 +135,14 @@ def _grid_by_series(outcome: Outcome, paper: dict[str, dict[float | None, float]
 def _grid_by_x(outcome: Outcome, xs: list[float], paper: dict[str, dict[float | None, float]]):
     spec, d = outcome.spec, outcome.spec.y.decimals
     header = [spec.x.label or spec.x.key]
-    for s in spec.series:
+    for s in spec.shown_series:
         header.append(s.label or s.key)
         if s.key in paper:
             header.append("paper")
     rows = []
     for x in xs:
         row = [f"{x:g}"]
-        for s in spec.series:
+        for s in spec.shown_series:
             row.append(series_cell_text(outcome, s.key, x))
             if s.key in paper:
                 row.append(_paper_text(paper[s.key].get(x), d))
@@ -219,7 +219,7 @@ def long_csv(outcome: Outcome) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["series", "x", "mean", "std", "n", "paper"])
-    for s in spec.series:
+    for s in spec.shown_series:
         for x in rows:
             cell = find_cell(cells, s.key, x)
             published = paper.get(s.key, {}).get(x)

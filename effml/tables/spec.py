@@ -35,6 +35,9 @@ class Series:
     label: str = ""
     overrides: list[str] = field(default_factory=list)
     recipe: str | None = None  # default: the table's recipe
+    # Runs other series start from (the dense model they load by recipe), run first and not drawn:
+    # they contribute no points, so their metrics need not have the table's x or points.
+    prerequisite: bool = False
 
 
 @dataclass
@@ -69,6 +72,11 @@ class TableSpec:
     # OmegaConf cannot type a list of several dataclasses, hence Any.
     claims: list[Any] = field(default_factory=list)
     name: str = ""  # the file's stem
+
+    @property
+    def shown_series(self) -> list[Series]:
+        """The series of the table and plot (prerequisite series run, but are not shown)."""
+        return [s for s in self.series if not s.prerequisite]
 
     def paper_values(self) -> dict[str, dict[float | None, float]]:
         """The published numbers per series as {x: y} (x is None in tables without x)."""
@@ -128,8 +136,12 @@ def spec_problem(spec: TableSpec) -> str | None:
         return "seeds: needs at least one seed"
     if spec.x is None and spec.points:
         return "points: a list of points per run needs an x axis (x.key)"
-    if spec.reference and spec.reference.series not in keys:
-        return f"reference.series: unknown series '{spec.reference.series}'; choose from: {', '.join(keys)}"
+    shown = [s.key for s in spec.shown_series]
+    if not shown:
+        return "series: needs at least one series that is not a prerequisite"
+    if spec.reference and spec.reference.series not in shown:
+        return (f"reference.series: unknown series '{spec.reference.series}'; choose from: {', '.join(shown)}"
+                + (" (prerequisite series are not drawn)" if spec.reference.series in keys else ""))
     for key in spec.paper_numbers.values:
         if key not in keys:
             return f"paper_numbers.values: unknown series '{key}'; choose from: {', '.join(keys)}"
