@@ -147,7 +147,7 @@ class ActSparsity(Compressor):
     """Activation sparsity: FATReLU, Hoyer (Kurtz et al. 2020), CATS (Lee et al. 2024), ReLU-fication (Mirzadeh et al. 2024)."""
 
     smoke = Smoke(("bert", "mlp"), ("calibration_examples=8", "measure_examples=16"))
-    owns = frozenset({"modules"})
+    owns = frozenset({"modules", "activation thresholds"})
 
     @classmethod
     def effect(cls, name: str, metrics: dict) -> str | None:

@@ -146,6 +146,8 @@ OWNED = {
     "modules": "adds modules of its own to the model (heads, exits, projections)",
     "training data": "replaces the training data",
     "adapters": "trains low-rank adapters on frozen weights and merges them in at the end",
+    "rewinding": "rewinds the model's state to an earlier point at every level",
+    "activation thresholds": "calibrates activation thresholds kept in the model's state",
 }
 # Pairs of owned things that cannot meet in one run (each found to crash or to undo the other in the
 # composition matrix, tests/test_composition.py): each thing with itself; physical cuts, which rewind
@@ -157,7 +159,9 @@ CONFLICTS = {frozenset({thing}) for thing in OWNED} | {
                                  # a merged adapter fills pruned zeros; quantized or cut layers are not the
                                  # ones the adapters wrap; another's added modules go unfrozen or unwrapped
                                  ("adapters", "masks"), ("adapters", "quantization"), ("adapters", "structure"),
-                                 ("adapters", "training quantization"), ("adapters", "modules")]}
+                                 ("adapters", "training quantization"), ("adapters", "modules"),
+                                 # a rewind resets calibrated thresholds: the run ended with no zeros
+                                 ("rewinding", "activation thresholds")]}
 
 
 class Compressor(L.Callback):

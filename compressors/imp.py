@@ -156,7 +156,7 @@ class IterativeMagnitudePruning(Compressor):
     """Lottery tickets: iterative magnitude pruning with rewinding (Frankle & Carbin 2019)."""
 
     smoke = Smoke(("mlp", "resnet", "vit", "bert"), ("levels=2", "level_epochs=1"))
-    owns = frozenset({"masks"})
+    owns = frozenset({"masks", "rewinding"})
 
     @classmethod
     def effect(cls, name: str, metrics: dict) -> str | None:

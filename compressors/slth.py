@@ -81,7 +81,7 @@ class StructuredTicket(IterativeMagnitudePruning):
     """Structurally sparse lottery tickets (Chen et al., ICML 2022): IMP-Refill(+), channels removed."""
 
     smoke = Smoke(("resnet",), ("levels=1", "level_epochs=1"))
-    owns = frozenset({"masks", "structure"})
+    owns = frozenset({"masks", "structure", "rewinding"})
 
     @classmethod
     def effect(cls, name: str, metrics: dict) -> str | None:
