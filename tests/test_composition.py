@@ -29,7 +29,7 @@ def common_setup(first: str, second: str) -> str | None:
     return next((s for s in method(first).smoke.setups if s in method(second).smoke.setups), None)
 
 
-@pytest.mark.slow  # 91 pairs, 42 of them trained: about 10 minutes on 2 CPUs (make test-slow, CI)
+@pytest.mark.slow  # 210 pairs, 68 of them trained: about 25 minutes on 2 CPUs (make test-slow, CI)
 @pytest.mark.parametrize("first, second", PAIRS, ids=[f"{a}+{b}" for a, b in PAIRS])
 def test_every_pair_composes_with_both_effects_or_is_refused_in_one_line(effml, tmp_path, first, second):
     conflicting = any(frozenset({x, y}) in CONFLICTS for x in method(first).owns for y in method(second).owns)
