@@ -20,6 +20,7 @@ FMNIST = DataInfo(num_classes=10, modality="image", input_shape=(1, 28, 28))
 CIFAR = DataInfo(num_classes=10, modality="image", input_shape=(3, 32, 32))
 DIGITS = DataInfo(num_classes=10, modality="image", input_shape=(1, 8, 8))
 TEXT = DataInfo(num_classes=2, modality="text")
+LM = DataInfo(num_classes=2048, modality="text", task="lm")  # the default 2,048-token BPE
 SENTENCES = ["a gripping, beautifully shot film", "dull and far too long"]
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -35,6 +36,9 @@ PINNED_PARAMS = {
     "resnet20": (CIFAR, 269_722),  # He et al. 2016 Table 6: 0.27M
     "vit_tiny": (FMNIST, 2_684_554),  # ViT: 4x4 patches, D=192, 6 blocks, 3 heads on 28x28
     "minilm_l6": (TEXT, 22_713_216 + 384 * 2 + 2),  # encoder (docs/ARCHITECTURE.md §7: 22.7M) + 2-class head
+    "lm_tiny": (LM, 1_311_872),  # Llama-style, width 128, 4 blocks, SwiGLU 512, tied embeddings
+    "lm_small": (LM, 11_408_256),
+    "lm_base": (LM, 86_526_720),  # GPT-2 small's body (85M) in Llama form, with a 2,048-token vocabulary
 }
 # Weights only (no biases), as the LTH paper's Figure 2 counts them: 4.3M, 2.4M, 1.7M. Its Conv-6
 # figure does not fit its own architecture (convs 1.14M + first FC 4*4*256*256 = 1.05M); see conv.py.
@@ -50,6 +54,13 @@ def build(model: str, info: DataInfo, preset=None, **values):
 
 def is_text(name: str) -> bool:
     return hasattr(MODELS.get(name).target, "tokenizer_for")
+
+
+def is_language_model(name: str) -> bool:
+    return getattr(MODELS.get(name).target, "task", "classification") == "lm"
+
+
+CLASSIFIERS = [name for name in MODELS.names() if not is_language_model(name)]
 
 
 def text_inputs(name: str, cfg) -> dict:
@@ -72,7 +83,7 @@ def compose_preset(preset: str):
 # --- every registered model ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("name", CLASSIFIERS)
 def test_forward_shapes_and_classifier(name):
     infos = [TEXT] if is_text(name) else [FMNIST, CIFAR, DIGITS]
     for info in infos:
@@ -87,10 +98,18 @@ def test_forward_shapes_and_classifier(name):
         assert model.classifier.out_features == info.num_classes
 
 
+@pytest.mark.parametrize("name", [n for n in MODELS.names() if is_language_model(n)])
+def test_a_language_model_gives_next_token_logits(name):
+    model, _ = build(name, LM, hidden=32, layers=2, heads=2, ffn=64)
+    ids = torch.randint(2048, (2, 7))
+    with torch.no_grad():
+        assert model.eval()(ids).shape == (2, 7, 2048)
+
+
 @pytest.mark.parametrize("name", MODELS.names())
 def test_wrong_modality_is_one_line(name):
-    info = CIFAR if is_text(name) else TEXT
-    with pytest.raises(EffmlError, match="needs (image|text) data") as err:
+    info = CIFAR if is_text(name) or is_language_model(name) else TEXT
+    with pytest.raises(EffmlError, match="needs (image|text) data|needs a language-modelling dataset") as err:
         build(name, info)
     assert "\n" not in str(err.value)
 
