@@ -141,7 +141,7 @@ def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path):
     assert Path(next(killed.rglob("moe_load.png"))).exists()
 
 
-@pytest.mark.e2e
+@pytest.mark.slow  # two runs; the upcycling itself is checked in seconds above
 def test_upcycling_a_finished_dense_run_from_the_command_line(effml, tmp_path):
     """init_from names the dense run as teachers are named; the Switch run starts from its weights."""
     code, _, err = effml("train", *TINY, *smoke_args("lm", ["none"]))
