@@ -27,7 +27,6 @@ it stands for (the end-of-text token stands for the paragraph break, one byte).
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -280,6 +279,3 @@ class EmbeddedEnglish(LanguageModelDataModule):
     def paragraphs(self) -> tuple[str, ...]:
         return english_paragraphs(str(corpus_dir(self.cfg.data_dir)))
 
-
-def bits_per_byte(nll_sum: float, byte_count: float) -> float:
-    return nll_sum / max(byte_count, 1.0) / math.log(2)
