@@ -276,12 +276,7 @@ class MetaPruning(Compressor):
     @torch.no_grad()
     def _set_masks(self, widths: dict[str, int]) -> None:
         masks = self._slices(widths)
-        for name, module in self.masked.items():
-            for param in ("weight", "bias"):
-                mask = getattr(module, f"{param}_mask", None)
-                if mask is not None:
-                    mask.copy_(masks.get((name, param), torch.ones_like(mask)))
-                    setattr(module, param, getattr(module, f"{param}_orig") * mask)
+        cs.load_masks(self.masked, masks)
         self.codes = {n: self._code(n, masks) for n in self.layers}
 
     def _code(self, name: str, masks: dict) -> Tensor:

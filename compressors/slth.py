@@ -221,10 +221,4 @@ class StructuredTicket(IterativeMagnitudePruning):
 
     @torch.no_grad()
     def _mask_extra(self, keep: dict[str, Tensor]) -> None:
-        masks = cs.slice_masks(self.plan, keep, self.model)
-        for name, module in self.extra.items():
-            for param in ("weight", "bias"):
-                mask = getattr(module, f"{param}_mask", None)
-                if mask is not None:
-                    mask.copy_(masks.get((name, param), torch.ones_like(mask)))
-                    setattr(module, param, getattr(module, f"{param}_orig") * mask)
+        cs.load_masks(self.extra, cs.slice_masks(self.plan, keep, self.model))

@@ -279,6 +279,18 @@ def _extent(module: nn.Module, dim: int) -> int:
 
 
 # --------------------------------------------------------------------------- masks and zeroing
+@torch.no_grad()
+def load_masks(modules: Mapping[str, nn.Module], masks: Mapping[tuple[str, str], Tensor]) -> None:
+    """Copy ``slice_masks`` into the prune masks of ``modules`` (all ones where none is given) and
+    refresh their masked parameters at once."""
+    for name, module in modules.items():
+        for param in ("weight", "bias"):
+            mask = getattr(module, f"{param}_mask", None)
+            if mask is not None:
+                mask.copy_(masks.get((name, param), torch.ones_like(mask)))
+                setattr(module, param, getattr(module, f"{param}_orig") * mask)
+
+
 def slice_masks(plan: ChannelPlan, keep: Mapping[str, Tensor], model: nn.Module) -> dict[tuple[str, str], Tensor]:
     """{(module, parameter): 0/1 mask}: the slices of removed channels (``keep[group]`` False) zero,
     for every parameter of every group member (weights, biases, BN affine parameters)."""
