@@ -6,9 +6,13 @@ Issue 25, item 4. One process, one model and one batch per case, every variant t
 - ``dense``: the model with the pruned weights folded in (zeros, no mask machinery): the baseline;
 - ``dense (again)``: a second copy of it, timed like the others: the spread between two identical
   models, i.e. the noise floor of the overhead numbers;
-- ``effml``: ``MagnitudePruning`` (``compressors/magnitude.py``, masks of ``compressors/_masks.py``:
-  ``torch.nn.utils.prune`` reparametrization, ``weight = weight_orig * weight_mask`` in a forward-pre
-  hook on every forward), attached and pruned as a run does (``attach``, ``prune_to``), global scope;
+- ``effml``: ``MagnitudePruning`` (``compressors/magnitude.py``, masks of ``compressors/_masks.py``
+  applied in place: the forward uses the parameter itself, and ``reapply_masks`` re-zeroes the pruned
+  entries after each optimizer step, as the compressor's ``on_train_batch_end`` does), attached and
+  pruned as a run does (``attach``, ``prune_to``), global scope;
+- ``effml (hook)``: the same masks through ``torch.nn.utils.prune``'s forward-pre hook
+  (``weight = weight_orig * weight_mask`` on every forward), what effml did before and still does for
+  masks that can grow back (movement pruning, SLTH);
 - ``ModelPruning``: Lightning's callback (``lightning.pytorch.callbacks.ModelPruning``,
   ``l1_unstructured``, global, its forward-pre hooks) given the same parameters (every weight
   effml masks) and pruned to the same sparsity through its own ``setup`` + ``apply_pruning``, as at
@@ -17,8 +21,6 @@ Issue 25, item 4. One process, one model and one batch per case, every variant t
 - ``ModelPruning (defaults)``: the callback as ``ModelPruning("l1_unstructured", amount=s)`` sets
   itself up: every ``weight`` and ``bias`` of every leaf module (embeddings and LayerNorms too), so a
   different function; informational;
-- ``in place (not effml)``: no reparametrization; the masks are multiplied into the weights in place
-  after each optimizer step (one ``torch._foreach_mul_``). Informational: what a cheaper mask could cost.
 
 A train step is forward (bf16 autocast on CUDA) + cross-entropy + backward + AdamW (fused where
 available) + zero_grad, in plain PyTorch: ``ModelPruning`` has no per-batch hook, so the Lightning loop
@@ -60,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/_checkout.py, howev
 import structured_bert as sb  # noqa: E402  (use_checkout() runs there: effml from this checkout)
 
 from effml import measure  # noqa: E402
+from effml.compressors._masks import mask_layers, reapply_masks, set_mask  # noqa: E402
 from effml.compressors.magnitude import MagnitudeConfig, MagnitudePruning  # noqa: E402
 from effml.data import DataInfo  # noqa: E402
 from effml.models.resnet import ResNet, ResNetConfig  # noqa: E402
@@ -74,7 +77,7 @@ CASES = {
 }
 FULL = sb.Timing(warmup=5, iters=30, min_time_s=3.0, max_time_s=40.0)
 QUICK = sb.Timing(warmup=1, iters=3, min_time_s=0.0, max_time_s=3.0)
-VARIANTS = ("dense", "dense (again)", "effml", "ModelPruning", "ModelPruning (defaults)", "in place (not effml)")
+VARIANTS = ("dense", "dense (again)", "effml", "effml (hook)", "ModelPruning", "ModelPruning (defaults)")
 
 
 # -- models and variants ---------------------------------------------------------------------------
@@ -100,7 +103,7 @@ def build(case: str, gpu: bool, device: torch.device) -> tuple[nn.Module, dict, 
 
 
 def variants(base: nn.Module, sparsity: float) -> tuple[dict[str, nn.Module], dict[str, Any], dict[str, Any]]:
-    """Every variant of VARIANTS from ``base``; what was masked; the in-place variant's masks."""
+    """Every variant of VARIANTS from ``base``; what was masked; effml's masked layers."""
     from lightning.pytorch.callbacks import ModelPruning
 
     effml = copy.deepcopy(base)
@@ -127,15 +130,15 @@ def variants(base: nn.Module, sparsity: float) -> tuple[dict[str, nn.Module], di
     defaults.setup(None, everything, "fit")
     defaults.apply_pruning(sparsity)
 
-    inplace = copy.deepcopy(dense)
-    weights = [inplace.get_submodule(n).weight for n in names]
-    mask_list = [masks[n] for n in names]
-    models = {"dense": dense, "dense (again)": copy.deepcopy(dense), "effml": effml, "ModelPruning": same,
-              "ModelPruning (defaults)": everything, "in place (not effml)": inplace}
-    masked = {"effml": len(names), "ModelPruning": len(callback._parameters_to_prune),
-              "ModelPruning (defaults)": len(defaults._parameters_to_prune), "in place (not effml)": len(names)}
+    hooked = copy.deepcopy(base)
+    for name, module in mask_layers(hooked, pruner.cfg.layer_types, pruner.cfg.skip, "hook").items():
+        set_mask(module, masks[name])
+    models = {"dense": dense, "dense (again)": copy.deepcopy(dense), "effml": effml, "effml (hook)": hooked,
+              "ModelPruning": same, "ModelPruning (defaults)": everything}
+    masked = {"effml": len(names), "effml (hook)": len(names), "ModelPruning": len(callback._parameters_to_prune),
+              "ModelPruning (defaults)": len(defaults._parameters_to_prune)}
     return models, {"masked_tensors": masked, "mask_entries_differing_effml_vs_modelpruning": differing,
-                    "masked_weights": sum(m.numel() for m in mask_list)}, {"weights": weights, "masks": mask_list}
+                    "masked_weights": sum(m.numel() for m in masks.values())}, pruner.layers
 
 
 def hooks(model: nn.Module) -> int:
@@ -187,15 +190,11 @@ def step_fn(model: nn.Module, x: dict, labels: torch.Tensor, device: torch.devic
     return step, kind
 
 
-def time_steps(models: dict[str, nn.Module], inplace: dict, x: dict, labels: torch.Tensor, device: torch.device,
+def time_steps(models: dict[str, nn.Module], effml_layers: dict[str, nn.Module], x: dict, labels: torch.Tensor, device: torch.device,
                dtype, timing: sb.Timing) -> dict[str, dict[str, Any]]:
     fns, kind = {}, None
     for key, model in models.items():
-        after = None
-        if key == "in place (not effml)":
-            def after(w=inplace["weights"], m=inplace["masks"]):
-                with torch.no_grad():
-                    torch._foreach_mul_(w, m)
+        after = (lambda: reapply_masks(effml_layers)) if key == "effml" else None  # noqa: E731
         fns[key], kind = step_fn(model, x, labels, device, dtype, after)
     seconds = measure._time_interleaved(fns, device, timing.warmup, timing.iters, timing.min_time_s, 100_000,
                                         timing.max_time_s)
@@ -215,10 +214,10 @@ def time_steps(models: dict[str, nn.Module], inplace: dict, x: dict, labels: tor
 def run_case(case: str, device: torch.device, dtype, timing: sb.Timing, sparsity: float) -> dict[str, Any]:
     start = time.perf_counter()
     base, x, labels, info = build(case, device.type == "cuda", device)
-    models, masked, inplace = variants(base, sparsity)
+    models, masked, effml_layers = variants(base, sparsity)
     del base
     errors = same_function(models, x, device, dtype)
-    times = time_steps(models, inplace, x, labels, device, dtype, timing)
+    times = time_steps(models, effml_layers, x, labels, device, dtype, timing)
     dense_ms = times["dense"]["train_ms"]
     for key, t in times.items():
         t["overhead"] = t["train_ms"] / dense_ms - 1
@@ -256,11 +255,13 @@ def markdown(result: dict[str, Any]) -> str:
         "One train step (forward under autocast + cross-entropy + backward + AdamW + zero_grad, plain PyTorch) of the "
         f"same model and batch, {result['sparsity']:.0%} of the masked weights zero, every variant timed interleaved in "
         "one process (median ms). Overhead = variant ms / dense ms − 1. `dense`: the pruned weights folded in, no "
-        "masks. `effml`: `MagnitudePruning` (`torch.nn.utils.prune` reparametrization, a forward-pre hook per layer). "
+        "masks. `effml`: `MagnitudePruning`, masks applied in place (the forward uses the parameter; one "
+        "`torch._foreach_mul_` re-zeroes the pruned entries after each optimizer step). `effml (hook)`: the same masks "
+        "through `torch.nn.utils.prune`'s forward-pre hook (a product per layer each forward), effml's way before "
+        "and still for masks that grow back. "
         "`ModelPruning`: Lightning's callback (`l1_unstructured`, global) on the same weights, its own `setup` and "
         "`apply_pruning`; its masks equal effml's (up to ties at the threshold: counted below each table). `ModelPruning (defaults)`: every weight and bias of every module. "
-        "`in place (not effml)`: masks multiplied into the weights after each optimizer step, no hooks. `dense "
-        "(again)`: a second dense copy: the noise floor. Learning rate 0: every variant multiplies the same values.", "",
+        "`dense (again)`: a second dense copy: the noise floor. Learning rate 0: every variant multiplies the same values.", "",
         *sb.goal_section("effml's overhead ≤ 3% of a dense step and ≤ half of ModelPruning's", result["meaningful"]),
     ]
     for r in result["rows"]:

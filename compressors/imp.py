@@ -45,7 +45,16 @@ from torch import nn
 
 from effml import safe_load
 from effml.choice import check_choices, choice
-from effml.compressors._masks import LAYER_TYPES, Scope, make_permanent, mask_layers, matches, set_mask
+from effml.compressors._masks import (
+    LAYER_TYPES,
+    Scope,
+    make_permanent,
+    mask_gradients,
+    mask_layers,
+    matches,
+    reapply_masks,
+    set_mask,
+)
 from effml.compressors.base import Compressor, CompressorConfig, RunContext, Smoke, Stage
 from effml.errors import EffmlError
 from effml.paths import RunDir, runs_of
@@ -193,7 +202,7 @@ class IterativeMagnitudePruning(Compressor):
             self.reinit_weights = fresh_init(model, self.control_seed)
         output = self._output_fraction()
         skip = self.cfg.skip + ([self.cfg.output_layer] if output == 0 else [])
-        self.layers = mask_layers(model, self.cfg.layer_types, skip, self.name)
+        self.layers = mask_layers(model, self.cfg.layer_types, skip, self.name, self.masks_in_place())
         self.rates = {name: self._rate(name, module, output) for name, module in self.layers.items()}
         self.initial_weights = snapshot(model)
         if self.rewind_unit != "none" and self.rewind_at == 0:
@@ -231,7 +240,17 @@ class IterativeMagnitudePruning(Compressor):
             "early_stop_val_acc": None,
         }
 
+    def masks_in_place(self) -> bool:
+        """Masks in place (compressors/_masks.py) unless a level may revive a weight without restoring
+        it: random_prune's masks are not nested, and rewind=none keeps the trained weights."""
+        return not (self.cfg.control == "random_prune" and self.rewind_unit == "none")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.gradient_clip_val:
+            mask_gradients(self.layers)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        reapply_masks(self.layers)
         if self._in_level0() and self.rewind_unit == "step" and trainer.global_step == self.rewind_at > 0:
             self.rewind_weights = snapshot(pl_module.model)
 

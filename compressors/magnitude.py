@@ -29,7 +29,9 @@ from effml.compressors._masks import (
     Scope,
     effective_weight,
     make_permanent,
+    mask_gradients,
     mask_layers,
+    reapply_masks,
     set_mask,
 )
 from effml.compressors.base import Compressor, CompressorConfig, Smoke, Stage
@@ -124,7 +126,8 @@ class MagnitudePruning(Compressor):
         return [Stage("train", owner=self.name)]
 
     def attach(self, model: nn.Module) -> nn.Module:
-        self.layers = mask_layers(model, self.cfg.layer_types, self.cfg.skip, self.name)
+        # in place: magnitude masks only shrink, so no pruned weight ever needs its old value back
+        self.layers = mask_layers(model, self.cfg.layer_types, self.cfg.skip, self.name, in_place_masks=True)
         return model
 
     def begin_stage(self, stage: Stage, task) -> None:
@@ -136,7 +139,12 @@ class MagnitudePruning(Compressor):
             total = trainer.estimated_stepping_batches
             self._window = (round(self.cfg.start_fraction * total), round(self.cfg.end_fraction * total))
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.gradient_clip_val:
+            mask_gradients(self.layers)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        reapply_masks(self.layers)
         if self.cfg.schedule != "gradual":
             return
         step, (t0, t_end) = trainer.global_step, self._window

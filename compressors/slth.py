@@ -101,6 +101,9 @@ class StructuredTicket(IterativeMagnitudePruning):
         self.widths: dict[str, dict[str, int]] = {}
 
     # -- contract ---------------------------------------------------------------------------
+    def masks_in_place(self) -> bool:
+        return False  # the refill ranks channels by their trained weights, pruned entries included
+
     def attach(self, model: nn.Module) -> nn.Module:
         model = super().attach(model)
         # A removed channel must output zero: mask its BN affine parameters and conv biases as well.

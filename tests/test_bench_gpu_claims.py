@@ -53,16 +53,15 @@ def test_mask_overhead_times_every_variant_of_one_function(results):
     assert [r["case"] for r in data["rows"]] == ["bert_base", "resnet20"]
     for row in data["rows"]:
         v = row["variants"]
-        assert set(v) == {"dense", "dense (again)", "effml", "ModelPruning", "ModelPruning (defaults)",
-                          "in place (not effml)"}
+        assert set(v) == {"dense", "dense (again)", "effml", "effml (hook)", "ModelPruning", "ModelPruning (defaults)"}
         assert all(t["train_ms"] > 0 and t["rounds"] >= 3 for t in v.values())
         assert v["dense"]["overhead"] == 0 and v["dense"]["forward_pre_hooks"] == 0
-        # the same weights masked the same way: one hook per masked layer, identical masks and logits
+        # the same weights masked the same way, identical masks and logits; effml's masks need no hook
         assert row["mask_entries_differing_effml_vs_modelpruning"] == 0
-        assert v["effml"]["masked_tensors"] == v["ModelPruning"]["masked_tensors"] == v["effml"]["forward_pre_hooks"]
+        assert v["effml"]["masked_tensors"] == v["ModelPruning"]["masked_tensors"] == v["effml (hook)"]["forward_pre_hooks"]
         assert v["ModelPruning (defaults)"]["masked_tensors"] > v["ModelPruning"]["masked_tensors"]
-        assert v["in place (not effml)"]["forward_pre_hooks"] == 0
-        for key in ("dense (again)", "effml", "ModelPruning", "in place (not effml)"):
+        assert v["effml"]["forward_pre_hooks"] == 0
+        for key in ("dense (again)", "effml", "effml (hook)", "ModelPruning"):
             assert v[key]["logits_rel_diff"] < 1e-5, (row["case"], key)
         g = row["goal"]
         assert g["effml_overhead"] == v["effml"]["overhead"] and g["passed"] == (
