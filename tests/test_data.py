@@ -243,6 +243,18 @@ def test_text_splits_do_not_leak(build, name):
     assert len(set(everything)) == len(everything), "a text occurs twice (within or across splits)"
 
 
+def test_pad_to_gives_every_batch_the_fixed_length(build):
+    """data.pad_to: the official GLUE scripts' fixed max_seq_length (issue 25: EarlyBERT's workload)."""
+    longest = build("rotten_tomatoes")
+    fixed = build("rotten_tomatoes", pad_to=128)
+    a, b = next(iter(longest.train_dataloader())), next(iter(fixed.train_dataloader()))
+    assert a["input_ids"].shape[1] <= 64 and b["input_ids"].shape == (fixed.cfg.batch_size, 128)
+    width = a["input_ids"].shape[1]  # the same texts, then padding that the attention mask hides
+    assert torch.equal(b["input_ids"][:, :width], a["input_ids"]) and not b["attention_mask"][:, width:].any()
+    with pytest.raises(EffmlError, match=r"^data\.pad_to \(32\) must be at least data\.max_length \(64\)"):
+        DATASETS.get("rotten_tomatoes").make_config({"pad_to": 32})
+
+
 def test_text_needs_a_tokenizer():
     entry = DATASETS.get("rotten_tomatoes")
     with pytest.raises(EffmlError, match="needs a text model"):

