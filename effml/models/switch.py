@@ -283,7 +283,8 @@ class SwitchFFN(nn.Module):
             run["assignments"] += assignments
             for key, value in (("load", load), ("kept", kept), ("aux_loss", self.aux_loss.detach()),
                                ("z_loss", self.z_loss.detach()), ("entropy", entropy)):
-                run[key] = value if run[key] is None else run[key] + value
+                # .to: the sums stay where they were made when the model moves (a GPU run measured on the CPU)
+                run[key] = value if run[key] is None else run[key].to(value.device) + value
 
     def pop_router_loss(self) -> Tensor | None:
         """The weighted router loss of the last forward, once (None after): what a training step adds."""
