@@ -51,3 +51,14 @@ def test_non_editable_install_runs_from_anywhere(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
 
 
+
+
+def test_wheelhouse_leaves_out_only_the_nodes_own_torch_stack():
+    """torch-pruning, torchao and torchmetrics start with "torch" but are dependencies the node lacks."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wheelhouse", Path(__file__).parents[1] / "tools" / "wheelhouse.py")
+    wheelhouse = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wheelhouse)
+    assert all(map(wheelhouse.skipped, ["torch", "triton", "nvidia-cublas-cu12", "pytest-xdist", "effml"]))
+    assert not any(map(wheelhouse.skipped, ["torch-pruning", "torch_pruning", "torchao", "torchmetrics", "lightning"]))

@@ -8,14 +8,20 @@ Usage: python tools/wheelhouse.py OUT_DIR PYTHON_VERSION PLATFORM [PLATFORM ...]
 import subprocess
 import sys
 
-SKIP_PREFIXES = ("torch", "nvidia-", "triton", "cuda-", "effml", "pytest", "ruff", "pip", "setuptools",
-                 "execnet", "iniconfig", "pluggy")
+# torch is the node's own build (with its CUDA stack); torch-pruning, torchao and torchmetrics are not
+SKIP_NAMES = {"torch", "triton", "effml", "pytest", "ruff", "pip", "setuptools", "execnet", "iniconfig", "pluggy"}
+SKIP_PREFIXES = ("nvidia-", "cuda-", "pytest-")
 
 
 def closure() -> list[str]:
     frozen = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
                             check=True, capture_output=True, text=True).stdout.split()
-    return [req for req in frozen if "==" in req and not req.lower().startswith(SKIP_PREFIXES)]
+    return [req for req in frozen if "==" in req and not skipped(req.split("==")[0])]
+
+
+def skipped(name: str) -> bool:
+    name = name.lower().replace("_", "-")
+    return name in SKIP_NAMES or name.startswith(SKIP_PREFIXES)
 
 
 def main() -> None:
