@@ -185,3 +185,37 @@ def test_uptraining_a_finished_multi_head_run_from_the_command_line(effml, tmp_p
     assert record["steps"] == 2 and record["gqa_steps"] == 2
     exported = next((tmp_path / "up").rglob("model/config.json"))
     assert json.loads(exported.read_text())["num_key_value_heads"] == 1
+
+
+def resume_run(base: Path) -> list[str]:
+    """Uptraining a 4-head run to 2 K/V heads for half its 3 x 20 steps: 2 epochs of 15 batches."""
+    return ["train", "recipe=gqa_lm", "model.hidden=32", "model.layers=2", "model.heads=4", "model.ffn=64",
+            "data.tokenizer=bytes", "data.seq_len=32", "data.train_subset=320", "data.batch_size=16",
+            "trainer.max_epochs=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+            "trainer.progress_bar=off", "measure.enabled=false", "compressor.uptrain_fraction=0.5",
+            "compressor.init_from.source=checkpoint", f"compressor.init_from.path={base}"]
+
+
+@pytest.mark.slow
+def test_kill_mid_uptraining_then_rerun_matches_uninterrupted(tmp_path):
+    """The stage's batch limit holds after a resume from the epoch-1 checkpoint: same steps, same weights."""
+    from test_resume import final_state, kill_when, start
+
+    torch.manual_seed(0)
+    base = tmp_path / "mha.pt"
+    torch.save(CausalLM.from_config(CausalLMConfig(hidden=32, layers=2, heads=4, ffn=64),
+                                    DataInfo(num_classes=257, modality="text", task="lm")).state_dict(), base)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir(), killed.mkdir()
+    run = resume_run(base)
+    out, _ = (process := start(straight, [], run=run)).communicate(timeout=900)
+    assert process.returncode == 0, out
+    kill_when(start(killed, [], run=run), "outputs/*/*/*/stages/00_uptrain/checkpoints/last.ckpt", killed)
+    assert not list(killed.rglob("metrics.json"))
+    out, _ = (again := start(killed, [], run=run)).communicate(timeout=900)
+    assert again.returncode == 0, out
+    model_a, metrics_a = final_state(straight)
+    model_b, metrics_b = final_state(killed)
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert [s["steps"] for s in metrics_a["stages"]] == [s["steps"] for s in metrics_b["stages"]] == [30]
+    assert metrics_a["test_ppl"] == metrics_b["test_ppl"]
