@@ -90,6 +90,7 @@ bench: setup ## measure dense vs compressed (magnitude, structured BERT, channel
 	$(PY) benchmarks/mask_overhead.py
 	$(PY) benchmarks/fp8_training.py
 	OMP_NUM_THREADS=$(MOE_THREADS) $(PY) benchmarks/moe_dispatch.py --threads $(MOE_THREADS)
+	$(PY) benchmarks/gqa_decode.py
 	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 	  $(PY) benchmarks/earlybert_time.py $(EARLYBERT_TIME) && \
 	  $(PY) benchmarks/earlybert_time.py $(EARLYBERT_TIME) compressor.ticket_epochs=2 compressor.ticket_lr_scale=2 \
