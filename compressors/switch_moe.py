@@ -30,6 +30,7 @@ from torch import nn
 from effml.choice import check_choices, choice
 from effml.compressors.base import Compressor, CompressorConfig, RunContext, Smoke, Stage
 from effml.errors import EffmlError
+from effml.kernels import select
 from effml.models.switch import SwitchFFN, pop_router_loss, switch_layers
 from effml.paths import atomic_file
 from effml.registry import COMPRESSORS
@@ -134,6 +135,7 @@ class SwitchMoE(Compressor):
         self.stage_stats: dict[str, Any] = {}  # per layer, train and eval: what the report shows
         self.upcycled_from: str | None = None
         self.ctx: RunContext | None = None
+        self.dispatch_decision: dict[str, Any] | None = None  # dispatch=auto: which one, measured
 
     def attach(self, model: nn.Module) -> nn.Module:
         self.blocks = swap_in_experts(model, self.cfg, upcycle=False)
@@ -144,6 +146,15 @@ class SwitchMoE(Compressor):
         self.ctx = ctx
         if self.cfg.init_from.source != "none":
             self.upcycle(ctx, datamodule)
+        if self.cfg.dispatch == "auto" and ctx.hardware.selection == "measure":
+            self.choose_dispatch(ctx.data.batch_size * datamodule.info.seq_len, ctx.hardware)
+
+    def choose_dispatch(self, tokens: int, hardware: Any) -> None:
+        """Every Switch layer gets the dispatch measured fastest on the first (they share one shape)."""
+        decision = select.measured_switch_dispatch(next(iter(self.layers().values())), tokens, hardware)
+        self.dispatch_decision = decision.as_dict()
+        for layer in self.layers().values():
+            layer.dispatch = decision.kernel
 
     def upcycle(self, ctx: RunContext, datamodule: Any) -> None:
         """Load a finished dense run into the model, each of its FFNs into every expert of its block."""
@@ -187,7 +198,8 @@ class SwitchMoE(Compressor):
     # -- resume: the running sums travel with every checkpoint -------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"running": {name: layer._running for name, layer in self.layers().items()},
-                "stage_stats": self.stage_stats, "upcycled_from": self.upcycled_from}
+                "stage_stats": self.stage_stats, "upcycled_from": self.upcycled_from,
+                "dispatch_decision": self.dispatch_decision}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, layer in self.layers().items():
@@ -195,6 +207,10 @@ class SwitchMoE(Compressor):
                 layer._running = state["running"][name]
         self.stage_stats = state.get("stage_stats", {})
         self.upcycled_from = state.get("upcycled_from", self.upcycled_from)
+        if state.get("dispatch_decision"):  # a resumed run keeps the dispatch it trained with
+            self.dispatch_decision = state["dispatch_decision"]
+            for layer in self.layers().values():
+                layer.dispatch = self.dispatch_decision["kernel"]
 
     # -- report ------------------------------------------------------------------------------------
     def summary(self, live: bool = False) -> dict[str, Any]:
@@ -222,6 +238,7 @@ class SwitchMoE(Compressor):
             "top_k": self.cfg.top_k,
             "expert_params": total,
             "dispatch": next((layer.last_dispatch for layer in self.layers().values()), None),
+            "dispatch_decision": self.dispatch_decision,
             "upcycled_from": self.upcycled_from,
             **self.summary(),
             "layers": self.stage_stats,

@@ -50,7 +50,10 @@ def test_upcycling_copies_each_trained_ffn_into_every_expert_and_keeps_the_rest(
     model = CausalLM.from_config(SMALL, INFO)
     compressor = SwitchMoE(SwitchMoEConfig(num_experts=3, init_from=TrainedWeightsConfig(source="checkpoint", path=str(tmp_path / "dense.pt"))))
     compressor.attach(model)
-    ctx = RunContext(name="t", seed=0, run_dir=RunDir(tmp_path / "run"), output_root=tmp_path, hardware=None,
+    from effml.config import HardwareConfig
+
+    hardware = HardwareConfig(selection="off")  # the dispatch stays auto: no measurement here
+    ctx = RunContext(name="t", seed=0, run_dir=RunDir(tmp_path / "run"), output_root=tmp_path, hardware=hardware,
                      model=SMALL, data=None, trainer=None, measure=None, sections={})
 
     class Data:
@@ -77,6 +80,8 @@ def test_a_switch_run_reports_routing_plots_the_load_and_exports_its_experts(eff
     assert 0 <= report["dropped_fraction_train"] <= 1 and 0 <= report["dropped_fraction_eval"] <= 1
     assert report["aux_loss"] >= 1.0 - 1e-6  # N · Σ f_i P_i is 1 at perfect balance, more otherwise
     assert 0 < report["router_entropy"] <= report["router_entropy_max"] == pytest.approx(1.3863, rel=1e-3)
+    decision = report["dispatch_decision"]  # dispatch=auto: measured, and the layers trained with it
+    assert decision["kernel"] == report["dispatch"] == min(decision["timings_ms"], key=decision["timings_ms"].get)
     load = report["layers"]["lm.model.layers.1.mlp"]["train"]["load_fraction"]
     assert len(load) == 4 and sum(load) == pytest.approx(1.0)
     run_dir = tmp_path / m["run_dir"]
@@ -84,7 +89,7 @@ def test_a_switch_run_reports_routing_plots_the_load_and_exports_its_experts(eff
     exported = CausalLM.from_config(CausalLMConfig(pretrained=str(run_dir / "model")), DataInfo(257, "text", task="lm"))
     assert isinstance(exported.blocks()[1].mlp, SwitchFFN)
     trained = CausalLM.from_config(CausalLMConfig(hidden=32, layers=2, heads=2, ffn=64), DataInfo(257, "text", task="lm"))
-    swap_in_experts(trained, SwitchMoEConfig(num_experts=4), upcycle=False)
+    swap_in_experts(trained, SwitchMoEConfig(num_experts=4, dispatch=report["dispatch"]), upcycle=False)
     trained.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     ids = torch.randint(257, (2, 16))
     assert torch.equal(exported.eval()(ids), trained.eval()(ids))
@@ -152,3 +157,18 @@ def test_upcycling_a_finished_dense_run_from_the_command_line(effml, tmp_path):
     assert code == 0, err
     report = metrics_of(tmp_path / "upcycled")["compressors"]["switch_moe"]
     assert report["upcycled_from"] == str(dense_dir)
+
+
+def test_the_dispatch_is_the_faster_one_measured_where_the_device_offers_two(tmp_path, monkeypatch):
+    from effml.config import HardwareConfig
+    from effml.kernels.select import measured_switch_dispatch
+
+    monkeypatch.delenv("EFFML_KERNEL_CACHE", raising=False)  # this test's own cache file
+    hardware = HardwareConfig(kernel_cache=str(tmp_path / "kernels.json"), precision="32-true")
+    aligned = measured_switch_dispatch(SwitchFFN(32, 64, 4), 256, hardware)
+    assert set(aligned.timings_ms) == {"grouped", "bmm"} and all(ms > 0 for ms in aligned.timings_ms.values())
+    assert aligned.kernel == min(aligned.timings_ms, key=aligned.timings_ms.get)
+    again = measured_switch_dispatch(SwitchFFN(32, 64, 4), 256, hardware)  # the cache: measured once
+    assert again.timings_ms == aligned.timings_ms
+    unaligned = measured_switch_dispatch(SwitchFFN(32, 6, 4), 256, hardware)  # 6 fp32 = 24 bytes: no grouped GEMM
+    assert unaligned.kernel == "bmm" and unaligned.timings_ms == {}

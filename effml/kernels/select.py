@@ -515,3 +515,43 @@ def measured_sdpa_order(call: AttentionCall, hardware: Any, backends: list[str],
     if notes:
         reason += " [" + "; ".join(notes) + "]"
     return order, Decision("attention", order[0] if timings else "math", reason, shape, timings)
+
+
+# -- Switch MoE dispatch ---------------------------------------------------------------------------
+def measured_switch_dispatch(layer: nn.Module, tokens: int, hardware: Any) -> Decision:
+    """The faster sorted dispatch of a Switch layer (``effml/models/switch.py``) on this device, timed
+    fwd+bwd on a copy at the run's tokens per batch: ``grouped`` (one grouped matmul per projection)
+    where the device runs it for these widths, against ``bmm`` (a zero-padded batch per expert). No
+    rule orders them: on an H100 grouped won for the SwiGLU FFN and padded bmm by 1.37x for the GPT-2
+    one, on the CPU grouped won (``benchmarks/results/moe_dispatch_*``)."""
+    from effml.models.switch import grouped_mm_available
+
+    selector = KernelSelector(hardware)
+    probe = copy.deepcopy(layer).to(selector.device).train()
+    shape = (f"switch d_model {probe.d_model} d_ff {probe.d_ff} experts {probe.num_experts} top_k {probe.top_k} "
+             f"{'gated' if probe.gated else 'plain'} tokens {tokens} {str(selector.dtype).removeprefix('torch.')}")
+    size = torch.tensor([], dtype=selector.dtype).element_size()
+    aligned = all(n * size % 16 == 0 for n in (probe.d_model, probe.d_ff))  # grouped GEMM's stride rule
+    paths = ["grouped", "bmm"] if aligned and grouped_mm_available(selector.device, selector.dtype) else ["bmm"]
+    if len(paths) == 1:
+        return Decision("switch dispatch", "bmm", "the only sorted dispatch this device runs here", shape, {})
+    keys = {path: f"{selector.key_prefix}|{shape}|{path}" for path in paths}
+    timings = {path: selector.cache.get(key) for path, key in keys.items() if selector.cache.get(key) is not None}
+    x = torch.randn(tokens, probe.d_model, device=selector.device)
+    autocast = torch.autocast(selector.device.type, dtype=selector.dtype, enabled=selector.dtype != torch.float32)
+
+    def step(path: str) -> None:
+        probe.dispatch = path
+        with autocast:
+            out = probe(x)
+        (out.float().square().mean() + probe.pop_router_loss()).backward()
+
+    fns = {path: (lambda path=path: step(path)) for path in paths if path not in timings}
+    if fns:
+        seconds = measure._time_interleaved(fns, selector.device, **TIMING)
+        for path, s in seconds.items():
+            timings[path] = round(1e3 * sorted(s)[len(s) // 2], 4)
+            selector.cache.put(keys[path], timings[path])
+        selector.cache.save()
+    fastest = min(timings, key=timings.__getitem__)
+    return Decision("switch dispatch", fastest, f"measured fastest of {len(timings)} dispatches (fwd+bwd)", shape, timings)
