@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,22 +17,34 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import OmegaConf
 
+from effml import distributed
+
 if TYPE_CHECKING:
     from effml.runner import Plan
 
 
 def make_trainer(p: Plan, root: Path, max_epochs: int, callbacks: list, logger_version: str,
-                 strategy: Any = "auto", plugins: list | None = None, resume_step: int | None = None) -> L.Trainer:
-    """``resume_step``: the global step of the checkpoint the stage resumes from, if it does."""
+                 strategy: Any = None, plugins: list | None = None, resume_step: int | None = None,
+                 one_process: bool = False) -> L.Trainer:
+    """``resume_step``: the global step of the checkpoint the stage resumes from, if it does.
+    ``strategy``: None for the run's own (``hardware.strategy``, ``effml.distributed.strategy``).
+    ``one_process``: this process alone, on its own device (each rank's evaluation on the full
+    data, and rank 0's final test), with no logger: the stage's CSV belongs to its fit."""
     t, h = p.typed["trainer"], p.typed["hardware"]
+    alone = one_process and distributed.world_size(h) > 1
+    devices, num_nodes = (1, 1) if alone else (h.devices, h.num_nodes)
+    logger = False if alone else make_logger(p, logger_version, resume_step)
+    if alone:
+        strategy = strategy or own_device(h)
     return L.Trainer(
         max_epochs=max_epochs,
-        strategy=strategy,
+        strategy=strategy or distributed.strategy(h),
         accelerator=h.accelerator,
-        devices=h.devices,
+        devices=devices,
+        num_nodes=num_nodes,
         precision=h.precision,
         callbacks=[*callbacks, *progress_bar(t.progress_bar)],
-        logger=make_logger(p, logger_version, resume_step),
+        logger=logger,
         default_root_dir=root,
         enable_progress_bar=show_progress(t.progress_bar),
         enable_model_summary=False,
@@ -72,7 +85,14 @@ class KeepOnDevice(SingleDeviceStrategy):
 
 
 def keep_on_gpu() -> KeepOnDevice:
-    return KeepOnDevice(torch.device("cuda", 0))
+    return KeepOnDevice(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+
+
+def own_device(h) -> SingleDeviceStrategy:
+    """This rank's device alone (its GPU is its local rank's)."""
+    if h.accelerator == "gpu":
+        return SingleDeviceStrategy(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+    return SingleDeviceStrategy(torch.device("cpu"))
 
 
 def show_progress(setting: str) -> bool:
