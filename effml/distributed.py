@@ -49,6 +49,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def shard() -> tuple[int, int]:
+    """(rank, number of ranks) of the running process group; (0, 1) in a single process."""
+    if active():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def world_size(hardware: Any) -> int:
     return hardware.devices * hardware.num_nodes
 

@@ -60,6 +60,9 @@ def make_trainer(p: Plan, root: Path, max_epochs: int, callbacks: list, logger_v
         deterministic="warn" if h.accelerator == "gpu" else True,
         profiler=make_profiler(t.profiler, root),
         plugins=plugins,
+        # each rank's slice of every global batch comes from effml's own sampler (effml.data._base
+        # EpochSeededSampler); evaluation runs on the full data on each rank
+        use_distributed_sampler=False,
     )
 
 
