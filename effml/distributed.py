@@ -232,7 +232,7 @@ def _update(h, key: str, value: Any) -> None:
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
         h.update(str((tuple(t.shape), t.dtype)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     elif isinstance(value, dict):
         for k in sorted(value, key=str):
             _update(h, str(k), value[k])

@@ -143,7 +143,7 @@ FAST_REGISTRY = {"nm_sparsity"}  # magnitude and imp: in the match test above
     pytest.param(n, marks=pytest.mark.e2e if n in FAST_REGISTRY else pytest.mark.slow) for n in COMPRESSORS.names()])
 def test_every_rank_ends_with_the_same_masks_and_structure(tmp_path, name):
     entry = COMPRESSORS.get(name)
-    done, digests = two_ranks(tmp_path, [*TINY, *QUIET, *smoke_args(entry.target.smoke.setups[0], [name])])
+    done, digests = two_ranks(tmp_path, [*TINY, *smoke_args(entry.target.smoke.setups[0], [name])])
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(digests) == 2 and digests[0] == digests[1], f"{name}: the ranks ended in different states"
     m = metrics_of(tmp_path / "outputs")
@@ -188,3 +188,49 @@ def test_sigkill_of_every_rank_mid_stage_then_rerun_resumes_exactly(tmp_path):
     assert stage_files(killed) == stage_files(whole)
     m1, m2 = metrics_of(killed / "outputs"), metrics_of(whole / "outputs")
     assert m1["test_acc"] == m2["test_acc"] and m1["sparsity"] == m2["sparsity"]
+
+
+# -- MoE: the auxiliary loss and the expert gradients do not change with the data-parallel size -------
+MOE_TOKENS, MOE_DIM = 2048, 16
+
+
+def _moe_step(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One training step of a Switch layer under DDP: rank r takes its half of the same global batch."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from effml.models.switch import SwitchFFN
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    # capacity for every token (no drop depends on the slice size); no jitter (no per-rank random draws)
+    layer = SwitchFFN(MOE_DIM, 32, 4, capacity_factor=4.0, jitter_eps=0.0, aux_loss_coef=0.5)
+    x, target = torch.randn(MOE_TOKENS, MOE_DIM), torch.randn(MOE_TOKENS, MOE_DIM)
+    mine = slice(rank * MOE_TOKENS // world, (rank + 1) * MOE_TOKENS // world)
+    model = DistributedDataParallel(layer)
+    out = model(x[mine])
+    loss = torch.nn.functional.mse_loss(out, target[mine]) + layer.pop_router_loss()
+    loss.backward()
+    aux = layer.aux_loss.detach().clone()
+    dist.all_reduce(aux)  # the aux loss the run reports: the mean over ranks
+    if rank == 0:
+        torch.save({"aux": aux / world, **{k: p.grad for k, p in layer.named_parameters()}},
+                   f"{out_dir}/world{world}.pt")
+    dist.destroy_process_group()
+
+
+def test_moe_aux_loss_and_expert_gradients_do_not_scale_with_the_data_parallel_size(tmp_path):
+    import torch.multiprocessing as mp
+
+    for world in (1, 2):
+        mp.spawn(_moe_step, args=(world, str(tmp_path / f"init{world}"), str(tmp_path)), nprocs=world)
+    one, two = (torch.load(tmp_path / f"world{n}.pt", weights_only=True) for n in (1, 2))
+    # DeepSpeed and MegaBlocks once multiplied expert gradients by the parallel size: here they are the
+    # global batch's, to float rounding (the task loss is a mean per rank, DDP averages the ranks)
+    for name in ("w_in", "w_out", "b_in", "b_out"):
+        assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-7), (name, (one[name] - two[name]).abs().max())
+    # the load-balancing loss is per rank, as in the paper's per-core groups (Fedus et al., §2.2): a
+    # mean of slices' f·P, which differs from the whole batch's only by sampling, not by a factor
+    assert two["aux"] == pytest.approx(float(one["aux"]), rel=0.02)
+    assert torch.allclose(one["router.weight"], two["router.weight"], rtol=0.05, atol=1e-3)
