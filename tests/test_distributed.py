@@ -234,3 +234,10 @@ def test_moe_aux_loss_and_expert_gradients_do_not_scale_with_the_data_parallel_s
     # mean of slices' f·P, which differs from the whole batch's only by sampling, not by a factor
     assert two["aux"] == pytest.approx(float(one["aux"]), rel=0.02)
     assert torch.allclose(one["router.weight"], two["router.weight"], rtol=0.05, atol=1e-3)
+
+
+def test_the_slurm_launcher_asks_for_one_task_and_one_gpu_per_rank():
+    from effml.cli.compose import compose_config
+
+    launcher = compose_config(["hydra/launcher=slurm", "hardware.devices=4", "hardware.num_nodes=2"]).hydra.launcher
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
