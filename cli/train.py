@@ -19,11 +19,18 @@ def train(args: list[str]) -> int:
     from effml.config import register_schemas
 
     register_schemas()
+    plans = []
     if not HYDRA_INFO_FLAGS.intersection(args):
-        start_processes(args, validate(args))
+        plans = validate(args)
+        start_processes(args, plans)
     sys.argv = ["effml train", *args]
-    sweep.start()
-    hydra_app()
+    sweep.start(sorted({str(p.cfg.output_root) for p in plans}))
+    try:
+        hydra_app()
+    except SystemExit as e:  # a launcher's failed job fails the sweep in Hydra: still list every job
+        if not sweep.launched_jobs():
+            raise
+        return max(sweep.finish(), e.code if isinstance(e.code, int) else 1)
     return sweep.finish()  # 0 for a single run, which exits from its job when it fails
 
 

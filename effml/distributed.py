@@ -232,7 +232,7 @@ def _update(h, key: str, value: Any) -> None:
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
         h.update(str((tuple(t.shape), t.dtype)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(_bytes(t) if t.numel() else b"")
     elif isinstance(value, dict):
         for k in sorted(value, key=str):
             _update(h, str(k), value[k])
@@ -241,6 +241,17 @@ def _update(h, key: str, value: Any) -> None:
             _update(h, str(i), v)
     else:
         h.update(repr(value).encode())
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    try:
+        return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    except (RuntimeError, TypeError):  # a tensor subclass (QLoRA's NF4 weights): its serialized form
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(t, buffer)
+        return buffer.getvalue()
 
 
 def write_digest(task: Any, compressors: list[Any]) -> None:

@@ -319,7 +319,7 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: StageDir, b: Built) -> dict:
     if distributed.world_size(t["hardware"]) > 1:
         # every rank evaluates the full data alone: the same record (which end_stage decides on) everywhere
         trainer = make_trainer(p, stage_dir.path, max_epochs=1, callbacks=[], logger_version=stage_dir.name,
-                               one_process=True)
+                               one_process=True, logger=trainer.logger if distributed.is_main() else False)
     with hw.kernel_context(t["hardware"]):  # every stage's model is evaluated: a level of IMP is a result
         record.update(task.record(trainer.validate(task, datamodule=datamodule, verbose=False)[0], "val"))
         record.update(task.record(trainer.test(task, datamodule=datamodule, verbose=False)[0], "test"))

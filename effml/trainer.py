@@ -25,15 +25,16 @@ if TYPE_CHECKING:
 
 def make_trainer(p: Plan, root: Path, max_epochs: int, callbacks: list, logger_version: str,
                  strategy: Any = None, plugins: list | None = None, resume_step: int | None = None,
-                 one_process: bool = False) -> L.Trainer:
+                 one_process: bool = False, logger: Any = None) -> L.Trainer:
     """``resume_step``: the global step of the checkpoint the stage resumes from, if it does.
     ``strategy``: None for the run's own (``hardware.strategy``, ``effml.distributed.strategy``).
     ``one_process``: this process alone, on its own device (each rank's evaluation on the full
-    data, and rank 0's final test), with no logger: the stage's CSV belongs to its fit."""
+    data, and rank 0's final test). ``logger``: None for the run's own."""
     t, h = p.typed["trainer"], p.typed["hardware"]
     alone = one_process and distributed.world_size(h) > 1
     devices, num_nodes = (1, 1) if alone else (h.devices, h.num_nodes)
-    logger = False if alone else make_logger(p, logger_version, resume_step)
+    if logger is None:  # alone: rank 0 logs (the others write nothing)
+        logger = make_logger(p, logger_version, resume_step) if distributed.is_main() else False
     if alone:
         strategy = strategy or own_device(h)
     return L.Trainer(

@@ -241,3 +241,15 @@ def test_the_slurm_launcher_asks_for_one_task_and_one_gpu_per_rank():
 
     launcher = compose_config(["hydra/launcher=slurm", "hardware.devices=4", "hardware.num_nodes=2"]).hydra.launcher
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+
+
+# -- clusters: Hydra's submitit launcher, with its local executor -----------------------------------
+@pytest.mark.e2e
+def test_a_submitit_local_sweep_runs_both_jobs_and_lists_them(tmp_path):
+    done = run_cli(["train", "-m", "hydra/launcher=submitit_local", "recipe=magnitude_lenet", "data=digits",
+                    *TINY, *QUIET, "seed=0,1"], tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    runs = sorted((tmp_path / "outputs").rglob("metrics.json"))
+    assert [json.loads(r.read_text())["seed"] for r in runs] == [0, 1]
+    assert "2 jobs, 2 finished, 0 skipped, 0 failed" in " ".join(done.stdout.split())
+    assert list((tmp_path / "outputs" / "multirun").glob("*/.submitit/*"))  # submitit ran them
