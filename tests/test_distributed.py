@@ -253,3 +253,11 @@ def test_a_submitit_local_sweep_runs_both_jobs_and_lists_them(tmp_path):
     assert [json.loads(r.read_text())["seed"] for r in runs] == [0, 1]
     assert "2 jobs, 2 finished, 0 skipped, 0 failed" in " ".join(done.stdout.split())
     assert list((tmp_path / "outputs" / "multirun").glob("*/.submitit/*"))  # submitit ran them
+
+
+def test_hardware_auto_keeps_the_process_settings():
+    from effml.config import HardwareConfig
+    from effml.kernels import hardware as hw
+
+    resolved = hw.resolve(HardwareConfig(name="auto", accelerator="auto", devices=2, num_nodes=3, strategy="ddp"))
+    assert (resolved.devices, resolved.num_nodes, resolved.strategy) == (2, 3, "ddp")
