@@ -9,17 +9,21 @@ Exit code: 0 when no job failed; else the highest code among the failed jobs, ea
 alone would give (an ``EffmlError``'s ``exit_code``, 2 for bad input; 1 for any other exception).
 Ctrl-C (``Interrupted``) stops the sweep at once with 130.
 
-The table is kept by the process that started the sweep, so it needs a launcher that runs the jobs
-in that process (Hydra's default). Under another one (``hydra/launcher=local``, ``slurm``) a failed
-job prints its line in its own process and raises ``JobFailed``: Hydra ends the sweep with exit code 1.
+The table is kept by the process that started the sweep. Under a launcher that runs the jobs in other
+processes (``hydra/launcher=local``, ``slurm``, ``submitit_local``) each job also writes how it ended to
+``effml_job.json`` in its folder under ``<output_root>/multirun/``, and the table is read back from
+there; a failed job prints its line in its own process and raises ``JobFailed`` (Hydra fails the
+sweep there too), and the table still lists every job.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -45,13 +49,17 @@ class Job:
 
 JOBS: list[Job] = []
 _owner: int | None = None  # the process that collects JOBS
+_started = 0.0
+_roots: list[Path] = []  # output roots whose multirun/ folders launched jobs write to
+JOB_FILE = "effml_job.json"
 
 
-def start() -> None:
-    """Collect the jobs this process runs from now on."""
-    global _owner
+def start(output_roots: list[str] = ()) -> None:
+    """Collect the jobs this process runs from now on (and those launched elsewhere that write
+    under ``output_roots``)."""
+    global _owner, _started, _roots
     JOBS.clear()
-    _owner = os.getpid()
+    _owner, _started, _roots = os.getpid(), time.time(), [Path(r) for r in output_roots]
 
 
 class JobFailed(Exception):
@@ -63,8 +71,12 @@ def run_job(cfg, group: str) -> None:
     hydra = HydraConfig.get()
     job = Job(hydra.job.num, tuple(hydra.overrides.task), *outcome(cfg, group))
     JOBS.append(job)
-    if job.status == "failed" and os.getpid() != _owner:  # nobody collects JOBS in a worker
-        raise JobFailed(job.detail)
+    if os.getpid() != _owner:  # a launched job: the process that started the sweep reads it back
+        from effml.paths import atomic_write_text
+
+        atomic_write_text(Path(hydra.runtime.output_dir) / JOB_FILE, json.dumps(asdict(job)))
+        if job.status == "failed":
+            raise JobFailed(job.detail)
 
 
 def outcome(cfg, group: str) -> tuple[str, str, int]:
@@ -103,10 +115,19 @@ def save_traceback(error: Exception, run_dir) -> Path:
 
 def finish() -> int:
     """Print the table of the sweep's jobs (nothing for a single run); the exit code of the sweep."""
-    if not JOBS:
+    jobs = JOBS or launched_jobs()
+    if not jobs:
         return 0
-    Console().print(table(JOBS))
-    return max(job.exit_code for job in JOBS)
+    Console().print(table(jobs))
+    return max(job.exit_code for job in jobs)
+
+
+def launched_jobs() -> list[Job]:
+    """The jobs other processes ran for this sweep (``effml_job.json`` written since it started)."""
+    found = [f for root in _roots for f in (root / "multirun").glob(f"*/*/{JOB_FILE}")
+             if f.stat().st_mtime >= _started]
+    jobs = [Job(**{**(d := json.loads(f.read_text())), "overrides": tuple(d["overrides"])}) for f in found]
+    return sorted(jobs, key=lambda j: j.num)
 
 
 def table(jobs: list[Job]) -> Table:

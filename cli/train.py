@@ -19,23 +19,46 @@ def train(args: list[str]) -> int:
     from effml.config import register_schemas
 
     register_schemas()
+    plans = []
     if not HYDRA_INFO_FLAGS.intersection(args):
-        validate(args)
+        plans = validate(args)
+        start_processes(args, plans)
     sys.argv = ["effml train", *args]
-    sweep.start()
-    hydra_app()
+    sweep.start(sorted({str(p.cfg.output_root) for p in plans}))
+    try:
+        hydra_app()
+    except SystemExit as e:  # a launcher's failed job fails the sweep in Hydra: still list every job
+        if not sweep.launched_jobs():
+            raise
+        return max(sweep.finish(), e.code if isinstance(e.code, int) else 1)
     return sweep.finish()  # 0 for a single run, which exits from its job when it fails
 
 
-def validate(args: list[str]) -> None:
+def validate(args: list[str]) -> list:
     """Compose and type-check every job of the command; raise EffmlError on the first problem."""
     from effml import runner
     from effml.cli.compose import compose_config, expand_jobs
 
     overrides = [a for a in args if a not in MULTIRUN_FLAGS]
     jobs = expand_jobs(overrides, multirun=bool(MULTIRUN_FLAGS.intersection(args)))
-    for job in jobs:
-        runner.plan(compose_config(job))
+    return [runner.plan(compose_config(job)) for job in jobs]
+
+
+def start_processes(args: list[str], plans: list) -> None:
+    """A run of several processes on this node: Lightning's launcher starts the others, each
+    rerunning this command line (effml.distributed.start). A sweep's jobs get their processes from
+    a cluster launcher (hydra/launcher=slurm: one SLURM task per process), not from here."""
+    from effml import distributed
+
+    many = [p for p in plans if distributed.world_size(p.typed["hardware"]) > 1]
+    if not many:
+        return
+    if MULTIRUN_FLAGS.intersection(args):
+        if not any(a.startswith("hydra/launcher=") and "slurm" in a for a in args):
+            raise EffmlError("a -m sweep runs its jobs in this one process: hardware.devices or num_nodes > 1 "
+                             "needs hydra/launcher=slurm (one SLURM task per process), or one run at a time")
+        return
+    distributed.start(many[0].typed["hardware"], ["train", *args])
 
 
 def hydra_app() -> None:

@@ -170,6 +170,8 @@ class Compressor(L.Callback):
     smoke: ClassVar[Smoke] = Smoke()
     owns: ClassVar[frozenset[str]] = frozenset()  # keys of OWNED: what this method changes
     tasks: ClassVar[tuple[str, ...]] = ("classification",)  # the tasks (effml.task.TASKS) it works on
+    # False: the method cannot run in several processes (effml.distributed); a run of more is refused
+    multi_process: ClassVar[bool] = True
 
     @classmethod
     def effect(cls, name: str, metrics: dict[str, Any]) -> str | None:

@@ -74,6 +74,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from effml import distributed
 from effml.choice import check_choices, choice
 from effml.compressors._masks import make_permanent, set_mask
 from effml.compressors.base import (
@@ -401,6 +402,8 @@ class BertLottery(StructuredCompressor):
             model.to("cpu").train(training)
         if self.search is not None:
             self.search["time_s"] = round(time.perf_counter() - started, 3)
+        # rank 0's search and draw on every rank (its timing, at least, is its own)
+        self.search, self.chosen = distributed.broadcast_from_rank0((self.search, self.chosen))
 
     def _search_s(self, evaluate) -> None:
         n_layers, n_heads = len(self.layers), surgery.num_heads(self.layers[0])

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from effml import distributed
 from effml.choice import check_choices, choice
 from effml.compressors.base import (
     CompressorConfig,
@@ -154,13 +155,15 @@ class EarlyBERT(StructuredCompressor):
         if self.ticket is not None or trainer.global_step % self.cfg.check_every:
             return
         self._record_mask(trainer.global_step)
-        if self._early_bird():
+        # the masks come from the gates, equal on every rank (DDP averages their gradients); rank 0's
+        # verdict is sent all the same, so that no rank stops a step before another
+        if distributed.broadcast_from_rank0(self._early_bird()):
             self.stop_step = trainer.global_step
             trainer.should_stop = True
 
     def begin_stage(self, stage: Stage, task) -> None:
         if stage.of(self.name, "ticket") and self.ticket is None:
-            self.ticket = self._draw()
+            self.ticket = distributed.broadcast_from_rank0(self._draw())  # rank 0's heads and neurons
             self._make_ticket(task.model)
 
     def end_stage(self, stage: Stage, record: dict) -> dict | None:

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from effml import distributed
 from effml.choice import check_choices, choice
 from effml.compressors.base import Compressor, CompressorConfig, RunContext, Smoke, Stage
 from effml.compressors.imp import fresh_init, restore
@@ -302,6 +303,13 @@ class MetaPruning(Compressor):
 
     # -- search ------------------------------------------------------------------------------
     def _load_or_search(self, task) -> dict[str, int]:
+        """Rank 0 searches (or reads its earlier search) and writes search.json; every other rank of a
+        multi-process run takes rank 0's structure (its fitness came from its own batches)."""
+        found = self._search_on_rank0(task) if distributed.is_main() else None
+        found, self.search_log = distributed.broadcast_from_rank0((found, self.search_log))
+        return found
+
+    def _search_on_rank0(self, task) -> dict[str, int]:
         path = self.run_dir.artifact("search.json")
         if path.exists():
             saved = json.loads(path.read_text())

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from effml import distributed
 from effml.choice import check_choices, choice
 from effml.compressors.base import Compressor, CompressorConfig, RunContext, Smoke, Stage
 from effml.errors import EffmlError
@@ -185,15 +186,43 @@ class SwitchMoE(Compressor):
             layer.reset_stats()
 
     def end_stage(self, stage: Stage, record: dict[str, Any]) -> dict[str, Any]:
+        self._sum_train_stats_over_ranks()
         self.stage_stats = {name: {mode: layer.stats(mode) for mode in ("train", "eval")}
                             for name, layer in self.layers().items()}
         summary = self.summary()
-        self.plot_load()
+        if distributed.is_main():
+            self.plot_load()
         return {"moe_dropped_train": summary["dropped_fraction_train"], "moe_aux_loss": summary["aux_loss"]}
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         summary = {k: v for k, v in self.summary(live=True).items() if v is not None}
         pl_module.log_dict({f"moe/{k}": float(v) for k, v in summary.items() if isinstance(v, float)})
+
+    # -- several processes: each routed its own slice of every global batch -------------------------
+    def _sum_train_stats_over_ranks(self) -> None:
+        """The training sums of every rank added up (evaluation runs on the full data on each rank and
+        is not added): the global batch's statistics, the same on every rank. A no-op in one process."""
+        if not distributed.active():
+            return
+        for layer in self.layers().values():
+            run = layer._running["train"]
+            for key, value in run.items():
+                if isinstance(value, torch.Tensor):
+                    run[key] = distributed.all_reduce_sum(value.detach().clone())
+                elif value is not None:
+                    run[key] = type(value)(distributed.all_reduce_sum(torch.tensor(float(value), dtype=torch.float64)).item())
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        """(Every rank, in ``Trainer.save_checkpoint``.) Rank 0 writes the sums of all ranks; on resume,
+        the other ranks start from zero (``load_state_dict``), so nothing is counted twice."""
+        if not distributed.active():
+            return
+        keep = {name: dict(layer._running["train"]) for name, layer in self.layers().items()}
+        self._sum_train_stats_over_ranks()
+        checkpoint["callbacks"][self.state_key]["running"] = {
+            name: {**layer._running, "train": dict(layer._running["train"])} for name, layer in self.layers().items()}
+        for name, layer in self.layers().items():
+            layer._running["train"] = keep[name]
 
     # -- resume: the running sums travel with every checkpoint -------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -205,6 +234,10 @@ class SwitchMoE(Compressor):
         for name, layer in self.layers().items():
             if name in state.get("running", {}):
                 layer._running = state["running"][name]
+                if not distributed.is_main():  # rank 0's checkpoint holds every rank's sums (on_save_checkpoint)
+                    evaluated = layer._running["eval"]
+                    layer.reset_stats()
+                    layer._running["eval"] = evaluated
         self.stage_stats = state.get("stage_stats", {})
         self.upcycled_from = state.get("upcycled_from", self.upcycled_from)
         if state.get("dispatch_decision"):  # a resumed run keeps the dispatch it trained with

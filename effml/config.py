@@ -86,6 +86,8 @@ SdpaBackend = choice("SdpaBackend", "cudnn flash efficient math")
 # measure: time dense vs each alternative on the run's shapes, keep the fastest by `selection_margin`;
 # force: the method's kernel, unmeasured (an error where the device cannot run it); off: stay dense
 Selection = choice("Selection", "measure force off")
+# auto: one process, or DDP for more; ddp: Lightning's DDPStrategy; fsdp: its FSDPStrategy (GPUs only)
+Strategy = choice("Strategy", "auto ddp fsdp")
 
 
 @dataclass
@@ -94,7 +96,11 @@ class HardwareConfig:
 
     name: str = field(default="cpu", metadata=NOT_HASHED)
     accelerator: Accelerator = Accelerator.cpu
+    # Processes per node and nodes (effml.distributed): data.batch_size stays the global batch, so the
+    # number of processes changes how a run is computed, not what it computes, and is not hashed.
     devices: int = field(default=1, metadata=NOT_HASHED)
+    num_nodes: int = field(default=1, metadata=NOT_HASHED)
+    strategy: Strategy = field(default=Strategy.auto, metadata=NOT_HASHED)
     precision: Precision = Precision["32-true"]
     matmul_precision: MatmulPrecision = MatmulPrecision.highest
     sdpa_backends: list[SdpaBackend] = field(default_factory=lambda: [SdpaBackend.flash, SdpaBackend.math])  # preference order
@@ -114,6 +120,9 @@ class HardwareConfig:
             raise EffmlError(f"hardware.selection_margin must be >= 1 (an alternative must not be slower); got {self.selection_margin}")
         if self.channel_multiple < 1:
             raise EffmlError(f"hardware.channel_multiple must be >= 1; got {self.channel_multiple}")
+        for name in ("devices", "num_nodes"):
+            if getattr(self, name) < 1:
+                raise EffmlError(f"hardware.{name} must be >= 1; got {getattr(self, name)}")
 
 
 LoggerName = choice("LoggerName", "csv tensorboard wandb none")

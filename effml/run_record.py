@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import OmegaConf
 
-from effml import identity, measure
+from effml import distributed, identity, measure
 from effml.errors import EffmlError
 from effml.kernels import hardware as hw
 from effml.paths import RunDir, atomic_write_text
@@ -34,6 +34,7 @@ def save_run_record(p: Plan) -> None:
         "command": " ".join(sys.argv),
         "versions": library_versions(),
         "device": hw.device_description(p.typed["hardware"]),
+        "distributed": distributed.description(p.typed["hardware"]),
         "kernels": kernel_record(p),
     }
     atomic_write_text(p.run_dir.run_record, json.dumps(record, indent=2, default=str))
@@ -85,6 +86,7 @@ def measure_and_collect_metrics(p: Plan, b: Built, records: list[dict], final: d
         "stages": records,
         "compressors": {c.name: c.report() for c in compressors},
         "device": hw.device_description(t["hardware"]),
+        "distributed": distributed.description(t["hardware"]),  # measured (speed) on rank 0 alone
         "kernels": kernel_record(p, compressors),
         "versions": library_versions(),
     }

@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from effml import checkpoints, identity, measure, report
+from effml import checkpoints, distributed, identity, measure, report
 from effml.compressors.base import Compressor, RunContext, Stage, refuse_conflicts
 from effml.config import to_typed
 from effml.errors import EffmlError, Interrupted
@@ -73,6 +73,8 @@ def plan(cfg: DictConfig, group: str | None = None) -> Plan:
     check_task(typed)
     composed_configs(typed)  # a pair that cannot compose is refused here, before anything is written
     typed["hardware"] = hw.resolve(typed["hardware"])
+    distributed.check(typed["hardware"], typed["data"],
+                      {c.name: COMPRESSORS.get(c.name).target for c in composed_configs(typed)})
     check_writable(cfg.output_root)
     return Plan(cfg, typed, identity.run_dir(cfg.output_root, cfg.name, typed, cfg.seed), group)
 
@@ -98,13 +100,17 @@ def check_task(typed: dict) -> None:
 def run(cfg: DictConfig, group: str | None = None) -> dict:
     p = plan(cfg, group)
     if p.run_dir.finished:
-        print(f"effml: {p.name} (seed {cfg.seed}) finished already; results in {p.run_dir.metrics}")
+        if distributed.is_main():
+            print(f"effml: {p.name} (seed {cfg.seed}) finished already; results in {p.run_dir.metrics}")
         return report.load_metrics(p.run_dir.metrics)
+    distributed.start(p.typed["hardware"])  # joins the processes the command line or the cluster started
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         # Lightning 2.6 builds LeafSpec(), which torch 2.13 deprecates: nothing a user of effml can act on
         warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
         built = build(p)  # data and model load before anything is written: a failure leaves no trace
+        if not distributed.is_main():  # ranks > 0 train beside rank 0 and write nothing
+            return execute_other_rank(p, built)
         try:
             p.run_dir.path.mkdir(parents=True, exist_ok=True)
             with run_lock(p.run_dir), run_log(p.run_dir):
@@ -130,7 +136,7 @@ def build(p: Plan) -> Built:
     model_entry = MODELS.get(t["model"].name)
     tokenizer_for = getattr(model_entry.target, "tokenizer_for", None)
     datamodule = DATASETS.get(t["data"].name).target(
-        t["data"], seed=p.cfg.seed, tokenizer=tokenizer_for(t["model"]) if tokenizer_for else None
+        distributed.per_rank_batch(t["data"], t["hardware"]), seed=p.cfg.seed, tokenizer=tokenizer_for(t["model"]) if tokenizer_for else None
     )
     datamodule.restore_from(p.run_dir)  # a rerun uses the tokenizer its first attempt trained
     datamodule.setup()
@@ -172,6 +178,8 @@ def execute(p: Plan, b: Built) -> dict:
     save_run_record(p)
     b.datamodule.save_to(p.run_dir)
     records = train_stages(p, b)
+    distributed.write_digest(b.task, b.compressors)
+    distributed.finish()  # every rank is done with the process group: from here rank 0 works alone
     for compressor in b.compressors:
         b.task.model = compressor.finalize(b.task.model, p.typed["hardware"])
     deployed = b.task.model
@@ -184,6 +192,17 @@ def execute(p: Plan, b: Built) -> dict:
     report.write_metrics(p.run_dir.metrics, metrics)
     report.print_summary(metrics)
     return metrics
+
+
+def execute_other_rank(p: Plan, b: Built) -> dict:
+    """A rank > 0: the same decisions and the same training as rank 0, no file written. Finalize, the
+    test and the speed measurement are rank 0's (one process: nothing to agree on)."""
+    check_resumable(p, b.stages)
+    select_attention(p, b)
+    train_stages(p, b)
+    distributed.write_digest(b.task, b.compressors)
+    distributed.finish()
+    return {}
 
 
 def export_pretrained(p: Plan, deployed: torch.nn.Module, datamodule) -> None:
@@ -205,7 +224,8 @@ def select_attention(p: Plan, b: Built) -> None:
     call = select.capture_attention_call(b.task.model, b.datamodule.example_inputs(p.typed["data"].batch_size))
     if call is None:  # no attention in this model
         return
-    order, decision = select.measured_sdpa_order(call, h, hw.sdpa_choice(h))
+    # timed, so it can differ between ranks: rank 0's choice is every rank's
+    order, decision = distributed.broadcast_from_rank0(select.measured_sdpa_order(call, h, hw.sdpa_choice(h)))
     p.typed["hardware"] = dataclasses.replace(h, sdpa_backends=order)
     p.attention = decision.as_dict()
     log.info("attention: %s (%s)", order, decision.reason)
@@ -296,6 +316,10 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: StageDir, b: Built) -> dict:
         "steps": trainer.global_step,
         "time_s": round(clock.elapsed(), 3),
     }
+    if distributed.world_size(t["hardware"]) > 1:
+        # every rank evaluates the full data alone: the same record (which end_stage decides on) everywhere
+        trainer = make_trainer(p, stage_dir.path, max_epochs=1, callbacks=[], logger_version=stage_dir.name,
+                               one_process=True, logger=trainer.logger if distributed.is_main() else False)
     with hw.kernel_context(t["hardware"]):  # every stage's model is evaluated: a level of IMP is a result
         record.update(task.record(trainer.validate(task, datamodule=datamodule, verbose=False)[0], "val"))
         record.update(task.record(trainer.test(task, datamodule=datamodule, verbose=False)[0], "test"))
@@ -303,9 +327,11 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: StageDir, b: Built) -> dict:
         record.update(compressor.end_stage(stage, record) or {})
     task.compressors = list(compressors)
     writer.close()  # the last epoch's checkpoint was written while the stage was evaluated
-    checkpoints.save_stage_end(stage_dir, task, compressors, record)
-    if not t["trainer"].keep_last:  # end.pt holds what a later stage needs; last.ckpt adds the optimizer
-        checkpoints.remove_last(stage_dir)
+    if distributed.is_main():  # rank 0 writes, atomically; the others hold the same state
+        checkpoints.save_stage_end(stage_dir, task, compressors, record)
+        if not t["trainer"].keep_last:  # end.pt holds what a later stage needs; last.ckpt adds the optimizer
+            checkpoints.remove_last(stage_dir)
+    distributed.barrier()  # no rank starts the next stage before the end of this one is on disk
     return record
 
 
@@ -313,7 +339,7 @@ def evaluate(p: Plan, task: Task, datamodule) -> dict:
     """The task's validation and test metrics (and the test loss) of the finalized (compressed) model."""
     keep = p.typed["hardware"].accelerator == "gpu" and measure.holds_kernels(task.model)
     trainer = make_trainer(p, p.run_dir.final, max_epochs=1, callbacks=[], logger_version="final",
-                           strategy=keep_on_gpu() if keep else "auto")
+                           strategy=keep_on_gpu() if keep else None, one_process=True)
     with hw.kernel_context(p.typed["hardware"]):
         val = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
         test = trainer.test(task, datamodule=datamodule, verbose=False)[0]

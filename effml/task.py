@@ -63,7 +63,10 @@ class Task(L.LightningModule):
         loss, values = self.metrics(logits, labels, split)
         for name, (value, weight) in values.items():
             show = name in self.progress_bar and (name != "loss" or split != "train")
-            self.log(f"{split}/{name}", value, batch_size=weight, prog_bar=show, on_epoch=True, on_step=False)
+            # sync_dist: under DDP a validation inside a fit (which a compressor may decide on) is
+            # the mean over every rank's shard, the same on every rank (a no-op in one process)
+            self.log(f"{split}/{name}", value, batch_size=weight, prog_bar=show, on_epoch=True, on_step=False,
+                     sync_dist=split != "train")
         return loss, logits
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,22 +17,35 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import OmegaConf
 
+from effml import distributed
+
 if TYPE_CHECKING:
     from effml.runner import Plan
 
 
 def make_trainer(p: Plan, root: Path, max_epochs: int, callbacks: list, logger_version: str,
-                 strategy: Any = "auto", plugins: list | None = None, resume_step: int | None = None) -> L.Trainer:
-    """``resume_step``: the global step of the checkpoint the stage resumes from, if it does."""
+                 strategy: Any = None, plugins: list | None = None, resume_step: int | None = None,
+                 one_process: bool = False, logger: Any = None) -> L.Trainer:
+    """``resume_step``: the global step of the checkpoint the stage resumes from, if it does.
+    ``strategy``: None for the run's own (``hardware.strategy``, ``effml.distributed.strategy``).
+    ``one_process``: this process alone, on its own device (each rank's evaluation on the full
+    data, and rank 0's final test). ``logger``: None for the run's own."""
     t, h = p.typed["trainer"], p.typed["hardware"]
+    alone = one_process and distributed.world_size(h) > 1
+    devices, num_nodes = (1, 1) if alone else (h.devices, h.num_nodes)
+    if logger is None:  # alone: rank 0 logs (the others write nothing)
+        logger = make_logger(p, logger_version, resume_step) if distributed.is_main() else False
+    if alone:
+        strategy = strategy or own_device(h)
     return L.Trainer(
         max_epochs=max_epochs,
-        strategy=strategy,
+        strategy=strategy or distributed.strategy(h),
         accelerator=h.accelerator,
-        devices=h.devices,
+        devices=devices,
+        num_nodes=num_nodes,
         precision=h.precision,
         callbacks=[*callbacks, *progress_bar(t.progress_bar)],
-        logger=make_logger(p, logger_version, resume_step),
+        logger=logger,
         default_root_dir=root,
         enable_progress_bar=show_progress(t.progress_bar),
         enable_model_summary=False,
@@ -47,6 +61,9 @@ def make_trainer(p: Plan, root: Path, max_epochs: int, callbacks: list, logger_v
         deterministic="warn" if h.accelerator == "gpu" else True,
         profiler=make_profiler(t.profiler, root),
         plugins=plugins,
+        # each rank's slice of every global batch comes from effml's own sampler (effml.data._base
+        # EpochSeededSampler); evaluation runs on the full data on each rank
+        use_distributed_sampler=False,
     )
 
 
@@ -72,7 +89,14 @@ class KeepOnDevice(SingleDeviceStrategy):
 
 
 def keep_on_gpu() -> KeepOnDevice:
-    return KeepOnDevice(torch.device("cuda", 0))
+    return KeepOnDevice(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+
+
+def own_device(h) -> SingleDeviceStrategy:
+    """This rank's device alone (its GPU is its local rank's)."""
+    if h.accelerator == "gpu":
+        return SingleDeviceStrategy(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+    return SingleDeviceStrategy(torch.device("cpu"))
 
 
 def show_progress(setting: str) -> bool:

@@ -65,11 +65,15 @@ class EpochSeededSampler(Sampler[int]):
     leaves out that many examples of the epoch's order (those already trained on) and yields the rest.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0):
+    def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world: int = 1, batch: int = 1):
         self.num_samples = num_samples
         self.seed = seed
         self.epoch = 0
         self.start = 0  # for the next pass only; the length stays the epoch's, as Lightning counts it
+        # In a run of `world` processes (effml.distributed) each rank takes its slice of every global
+        # batch (`batch` per rank) of the same permutation: the ranks together train on exactly the
+        # batches one process would, and their averaged gradient is that process's.
+        self.rank, self.world, self.batch = rank, world, batch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -77,10 +81,18 @@ class EpochSeededSampler(Sampler[int]):
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         start, self.start = self.start, 0
-        return iter(torch.randperm(self.num_samples, generator=generator)[start:].tolist())
+        return iter(self._mine(torch.randperm(self.num_samples, generator=generator))[start:].tolist())
+
+    def _mine(self, order: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return order
+        chunks = order.split(self.batch * self.world)
+        if len(chunks[-1]) < self.world:  # a last global batch too small to give every rank an example
+            chunks = chunks[:-1]
+        return torch.cat([c.tensor_split(self.world)[self.rank] for c in chunks])
 
     def __len__(self) -> int:
-        return self.num_samples
+        return len(self._mine(torch.arange(self.num_samples)))
 
 
 class ResumableLoader(DataLoader):
@@ -254,7 +266,11 @@ class EffmlDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ResumableLoader:
         self.setup()
-        sampler = EpochSeededSampler(len(self.splits["train"]), seed=self.seed)
+        from effml import distributed
+
+        rank, world = distributed.shard()
+        sampler = EpochSeededSampler(len(self.splits["train"]), seed=self.seed, rank=rank, world=world,
+                                     batch=self.cfg.batch_size)
         return self._loader("train", self.cfg.batch_size, sampler, loader=ResumableLoader)
 
     def val_dataloader(self) -> DataLoader:

@@ -53,7 +53,8 @@ def resolve(cfg: HardwareConfig) -> HardwareConfig:
         if found == "gpu_generic":  # pre-Ampere: no bf16 tensor cores
             return dataclasses.replace(cfg, name="gpu", accelerator="gpu", precision="16-mixed",
                                        sdpa_backends=["efficient", "math"])
-        return dataclasses.replace(preset(found), name=f"auto→{found}")
+        processes = {k: getattr(cfg, k) for k in ("devices", "num_nodes", "strategy")}  # the user's, kept
+        return dataclasses.replace(preset(found), name=f"auto→{found}", **processes)
     if cfg.accelerator == "gpu" and not torch.cuda.is_available():
         raise EffmlError(f"hardware={cfg.name} needs a CUDA GPU and none is visible; use hardware=cpu or hardware=auto")
     return cfg
