@@ -151,8 +151,10 @@ class SwitchMoE(Compressor):
             self.choose_dispatch(ctx.data.batch_size * datamodule.info.seq_len, ctx.hardware)
 
     def choose_dispatch(self, tokens: int, hardware: Any) -> None:
-        """Every Switch layer gets the dispatch measured fastest on the first (they share one shape)."""
-        decision = select.measured_switch_dispatch(next(iter(self.layers().values())), tokens, hardware)
+        """Every Switch layer gets the dispatch measured fastest on the first (they share one shape);
+        under several processes, rank 0's measurement."""
+        first = next(iter(self.layers().values()))
+        decision = distributed.broadcast_from_rank0(select.measured_switch_dispatch(first, tokens, hardware))
         self.dispatch_decision = decision.as_dict()
         for layer in self.layers().values():
             layer.dispatch = decision.kernel
