@@ -149,7 +149,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 class RandomLTD(Compressor):
     """Random-LTD: random, layerwise token dropping with monotonic sequence length growth."""
 
-    smoke = Smoke(setups=("lm",), settings=("layers=[1]", "start=8", "step_size=8", "ramp_steps=4"))
+    smoke = Smoke(setups=("lm",), settings=("layers=[1]", "start=8", "step_size=8", "ramp_steps=8"))
     owns = frozenset({"token dropping"})
     tasks = ("lm",)
 

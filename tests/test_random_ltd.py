@@ -18,6 +18,7 @@ from effml.compressors.random_ltd import (
     keep_indices,
     scatter_tokens,
 )
+from effml.errors import EffmlError
 
 
 def tiny_lm(layers: int = 4):
@@ -110,9 +111,9 @@ def test_a_dropped_layer_runs_the_kept_tokens_at_their_own_rotary_positions():
                                         position_embeddings=rotary(hidden, position_ids=index[b][None]),
                                         attention_mask=None)
         torch.testing.assert_close(out[b, index[b]], alone[0], rtol=1e-5, atol=1e-6)
-    model.eval()
-    assert torch.equal(layer(hidden, position_embeddings=full, attention_mask=None)[0, 0],
-                       layer.__class__.forward(layer, hidden, position_embeddings=full, attention_mask=None)[0, 0])
+    model.eval()  # evaluation sees every token, even inside a training step's schedule
+    assert torch.equal(layer(hidden, position_embeddings=full, attention_mask=None),
+                       layer.__class__.forward(layer, hidden, position_embeddings=full, attention_mask=None))
 
 
 def test_the_kept_count_grows_linearly_in_steps_and_the_layer_tokens_are_counted():
@@ -145,10 +146,16 @@ def test_the_kept_count_grows_linearly_in_steps_and_the_layer_tokens_are_counted
         (["compressor.ramp_steps=100"], "compressor.ramp_steps (100) is longer than the run (8 training steps)"),
         (["compressor.start=64"], "compressor.start (64) is longer than the sequence (32 tokens"),
         (["compressor.layers=null"], "has no middle layer"),
-        (["compressor.step_size=0"], "compressor.step_size must be >= 1"),
     ],
 )
 def test_bad_schedules_are_one_line(effml, tmp_path, overrides, message):
     code, _, err = effml("train", "trainer.max_epochs=2", *smoke_args("lm", ["random_ltd"]), *overrides)
     one_line_error(code, err, message)
     assert not (tmp_path / "outputs").exists()
+
+
+def test_bad_fields_are_refused_by_the_config():
+    with pytest.raises(EffmlError, match="compressor.step_size must be >= 1, got 0"):
+        RandomLTDConfig(step_size=0)
+    with pytest.raises(EffmlError, match="compressor.layers must be distinct layer indices"):
+        RandomLTDConfig(layers=[1, 1])

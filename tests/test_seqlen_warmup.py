@@ -10,6 +10,7 @@ import torch
 
 from conftest import TINY, metrics_of, one_line_error, smoke_args
 from effml.compressors.seqlen_warmup import SeqLenWarmup, SeqLenWarmupConfig, shorten
+from effml.errors import EffmlError
 from effml.loss_curve import loss_spikes
 
 
@@ -69,11 +70,16 @@ def test_a_warmup_run_trains_short_then_full_and_records_every_step_s_loss(effml
     [
         (["compressor.warmup_steps=9"], "compressor.warmup_steps (9) is longer than the run (8 training steps)"),
         (["compressor.start=33"], "compressor.start (33) is longer than the training sequences (32 tokens"),
-        (["compressor.start=0"], "compressor.start must be >= 1"),
-        (["compressor.mode=pad"], "compressor.mode"),
     ],
 )
 def test_bad_schedules_are_one_line(effml, tmp_path, overrides, message):
     code, _, err = effml("train", "trainer.max_epochs=2", *smoke_args("lm", ["seqlen_warmup"]), *overrides)
     one_line_error(code, err, message)
     assert not (tmp_path / "outputs").exists()
+
+
+def test_bad_fields_are_refused_by_the_config():
+    with pytest.raises(EffmlError, match="compressor.start must be >= 1, got 0"):
+        SeqLenWarmupConfig(start=0)
+    with pytest.raises(EffmlError, match="compressor.mode"):
+        SeqLenWarmupConfig(mode="pad")
