@@ -83,6 +83,7 @@ def measure_and_collect_metrics(p: Plan, b: Built, records: list[dict], final: d
         "layers": layers,
         "target_sparsity": next((c.target_sparsity() for c in compressors if c.target_sparsity() is not None), None),
         "train_time_s": round(sum(r["time_s"] for r in records), 3),
+        "train_loss_spikes": sum(r.get("train_loss_spikes", 0) for r in records),  # effml/loss_curve.py
         "stages": records,
         "compressors": {c.name: c.report() for c in compressors},
         "device": hw.device_description(t["hardware"]),

@@ -32,6 +32,7 @@ from effml.config import to_typed
 from effml.errors import EffmlError, Interrupted
 from effml.kernels import fp8_training, select
 from effml.kernels import hardware as hw
+from effml.loss_curve import TrainingLossCurve
 from effml.paths import RunDir, StageDir, check_writable, unwritable
 from effml.registry import COMPRESSORS, DATASETS, MODELS
 from effml.run_record import measure_and_collect_metrics, run_lock, run_log, save_run_record
@@ -288,12 +289,13 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: StageDir, b: Built) -> dict:
         resume_step = checkpoints.check_loadable(last, f"stage '{stage.label}'", mmap=True)["global_step"]
         log.info("stage %s: resuming from %s (step %d)", stage.label, resume_from, resume_step)
     clock = checkpoints.ResumeState()
+    curve = TrainingLossCurve()  # before LastCheckpoint: a step's loss is in the checkpoint taken after it
     task.lr_scale, task.stage_label = stage.lr_scale, stage.label
     active = [c for c in compressors if stage.role != "prepare" or c.name == stage.owner]
     task.compressors = active  # a teacher trained in a prepare stage is not pruned or distilled
     writer = checkpoints.BackgroundCheckpointIO()
     trainer = make_trainer(p, stage_dir.path, max_epochs=stage.max_epochs or t["trainer"].max_epochs,
-                           callbacks=[*active, clock, checkpoints.LastCheckpoint(last, t["trainer"].checkpoint_every_n_steps)],
+                           callbacks=[*active, clock, curve, checkpoints.LastCheckpoint(last, t["trainer"].checkpoint_every_n_steps)],
                            logger_version=stage_dir.name, plugins=[writer], resume_step=resume_step)
     own_batches = [loader for c in active if (loader := c.train_dataloader(stage, datamodule)) is not None]
     data = {"datamodule": datamodule}
@@ -315,6 +317,7 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: StageDir, b: Built) -> dict:
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "time_s": round(clock.elapsed(), 3),
+        **curve.summary(),  # every step's training loss and the spikes in it
     }
     if distributed.world_size(t["hardware"]) > 1:
         # every rank evaluates the full data alone: the same record (which end_stage decides on) everywhere

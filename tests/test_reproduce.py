@@ -159,6 +159,14 @@ def test_steadier_compares_the_spread_over_seeds(tmp_path, max_ratio, passed):
     assert not one_seed.passed and "2 or more seeds" in one_seed.detail
 
 
+@pytest.mark.parametrize("value, passed", [(88.15, True), (88.05, False)])
+def test_below_compares_the_highest_cell_with_a_fixed_ceiling(tmp_path, value, passed):
+    result = claim(tmp_path, GAP_TABLE, cells_of(GAP_CELLS), kind="below", series="skeptical", value=value)
+    assert result.passed is passed and result.ours == pytest.approx(88.1) and "needs <=" in result.detail
+    with pytest.raises(EffmlError, match="below needs a value"):
+        spec_of(tmp_path, GAP_TABLE, claims=[{"name": "c", "kind": "below", "series": "nasty"}])
+
+
 def test_new_claim_kinds_need_their_fields(tmp_path):
     with pytest.raises(EffmlError, match="above needs a value"):
         spec_of(tmp_path, GAP_TABLE, claims=[{"name": "c", "kind": "above", "series": "nasty"}])
@@ -485,7 +493,7 @@ def test_every_shipped_claim_kind_loads_as_its_dataclass():
     "claim, message",
     [
         ({"name": "c", "kind": "beats", "series": "alone"},
-         "claim 'c': kind must be one of reaches, exceeds, above, recovers, steadier; got 'beats'"),
+         "claim 'c': kind must be one of reaches, exceeds, above, recovers, steadier, below; got 'beats'"),
         ({"name": "c", "series": "alone"}, "claim 'c': kind must be one of reaches, exceeds, above, recovers"),
         ({"name": "c", "kind": "above", "series": "alone", "value": 20, "margin": 1},
          "claim 'c': Key 'margin' not in 'AboveClaim'"),  # a field of another kind is no silent no-op

@@ -48,6 +48,8 @@ is the handler registered for its type in ``claims.CHECKS``:
   skeptical student recovers most of the gap the nasty teacher opened" (``min_fraction: 0.5``).
 - ``steadier``: the sample std over seeds of ``series`` <= ``max_ratio`` × that of ``than``: "the
   0.1x init varies less across seeds than 1.0x" (Switch Transformers, Table 3).
+- ``below``: every cell of ``series`` (within the x range) has a mean <= ``value``: "trains without a
+  loss spike" (``value: 0`` on the spike count).
 
 Tables without x (one point per run) use the same claims: every series has one cell, x is ignored.
 

@@ -73,6 +73,15 @@ class AboveClaim(RangedClaim):
 
 
 @dataclass
+class BelowClaim(RangedClaim):
+    """Every cell of ``series`` in the x range has a mean <= ``value``, a fixed ceiling (no loss spikes:
+    ``value: 0`` on a count)."""
+
+    kind: ClassVar[str] = "below"
+    value: float | None = None
+
+
+@dataclass
 class RecoversClaim(ClaimBase):
     """(series − than) / (reference − than) >= ``min_fraction``, at the reference x."""
 
@@ -93,7 +102,7 @@ class SteadierClaim(ClaimBase):
     max_ratio: float = 1.0
 
 
-Claim = ReachesClaim | ExceedsClaim | AboveClaim | RecoversClaim | SteadierClaim
+Claim = ReachesClaim | ExceedsClaim | AboveClaim | RecoversClaim | SteadierClaim | BelowClaim
 
 
 @dataclass
@@ -155,6 +164,10 @@ def exceeds_problem(claim: ExceedsClaim, spec: TableSpec) -> str | None:
 
 def above_problem(claim: AboveClaim, spec: TableSpec) -> str | None:
     return None if claim.value is not None else "above needs a value (the bar, in table units)"
+
+
+def below_problem(claim: BelowClaim, spec: TableSpec) -> str | None:
+    return None if claim.value is not None else "below needs a value (the ceiling, in table units)"
 
 
 def recovers_problem(claim: RecoversClaim, spec: TableSpec) -> str | None:
@@ -287,6 +300,18 @@ def check_above(claim: AboveClaim, spec: TableSpec, cells: Cells) -> ClaimResult
     return ClaimResult(claim.name, claim.kind, best.mean >= claim.value, best.mean, claim.value, detail)
 
 
+def check_below(claim: BelowClaim, spec: TableSpec, cells: Cells) -> ClaimResult:
+    """Passes when the series' worst (highest) cell within the x range has a mean <= ``value``."""
+    d = spec.y.decimals
+    candidates = in_range(cells, claim.series, claim.min_x, claim.max_x)
+    if not candidates:
+        return ClaimResult(claim.name, claim.kind, False, None, claim.value,
+                           f"no result for {claim.series}{_range(claim)}")
+    worst = max(candidates, key=lambda c: c.mean)
+    detail = f"{claim.series} highest {_fmt(worst.mean, d)}{_at(worst)}; needs <= {claim.value:g}"
+    return ClaimResult(claim.name, claim.kind, worst.mean <= claim.value, worst.mean, claim.value, detail)
+
+
 def check_recovers(claim: RecoversClaim, spec: TableSpec, cells: Cells) -> ClaimResult:
     """Passes when the series closes >= ``min_fraction`` of the gap from ``than`` up to the reference
     (tables without x: "a skeptical student recovers most of what the nasty teacher took")."""
@@ -331,6 +356,7 @@ CHECKS: dict[type, Callable[[Any, TableSpec, Cells], ClaimResult]] = {
     AboveClaim: check_above,
     RecoversClaim: check_recovers,
     SteadierClaim: check_steadier,
+    BelowClaim: check_below,
 }
 PROBLEMS: dict[type, Callable[[Any, TableSpec], str | None]] = {
     ReachesClaim: reaches_problem,
@@ -338,5 +364,6 @@ PROBLEMS: dict[type, Callable[[Any, TableSpec], str | None]] = {
     AboveClaim: above_problem,
     RecoversClaim: recovers_problem,
     SteadierClaim: steadier_problem,
+    BelowClaim: below_problem,
 }
 CLAIM_TYPES: dict[str, type] = {claim_type.kind: claim_type for claim_type in CHECKS}  # YAML kind → dataclass
