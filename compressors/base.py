@@ -148,6 +148,7 @@ OWNED = {
     "adapters": "trains low-rank adapters on frozen weights and merges them in at the end",
     "rewinding": "rewinds the model's state to an earlier point at every level",
     "activation thresholds": "calibrates activation thresholds kept in the model's state",
+    "attention": "replaces the attention function of every layer",
 }
 # Pairs of owned things that cannot meet in one run (each found to crash or to undo the other in the
 # composition matrix, tests/test_composition.py): each thing with itself; physical cuts, which rewind
