@@ -312,8 +312,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "threads": torch.get_num_threads(),
               "memory_method": "cuda.max_memory_allocated" if device.type == "cuda" else "cpu live tensor storage (approx.)",
               "shape": {**shape, "dtype": str(shape["dtype"]).removeprefix("torch.")}, "smoke": args.smoke}
-    with contextlib.suppress(AttributeError):
-        torch.backends.cuda.matmul.allow_tf32 = True
+    import torch._dynamo
+
+    for limit in ("recompile_limit", "cache_size_limit"):  # one compiled flex_attention per length and mask
+        with contextlib.suppress(AttributeError):
+            setattr(torch._dynamo.config, limit, 64)
     result |= run(shape, device, TIMING["smoke" if args.smoke else "full"])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("attention_scaling_" + slug(result["device"]) + ("_smoke" if args.smoke else ""))

@@ -140,6 +140,9 @@ class EfficientAttention(Compressor):
         checkpoint loads, so Linformer's parameters and the seeded buffers are there for a resume)."""
         self.context = context_length(ctx, datamodule)
         check_against_context(self.cfg, self.context)
+        if self.cfg.window_backend == "flex" and ctx.device.type != "cuda":
+            raise EffmlError("compressor.window_backend=flex needs a CUDA device (the locked torch has no "
+                             "FlexAttention backward on CPU); use auto or sdpa")
         ea.register()
         for index, module in enumerate(self.modules):
             # a different draw per layer, the same for the same seed (a rerun, a resume)

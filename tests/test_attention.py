@@ -62,6 +62,33 @@ def test_masks_are_built_once_per_length_bucket():
     assert ea.BUILDS["masks"] == before + 2 and ea.bucket_length(130) == 256
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention trains on CUDA only (no CPU backward)")
+@pytest.mark.parametrize("causal", [True, False])
+def test_flex_window_on_cuda_equals_masked_sdpa_and_does_not_recompile_within_a_bucket(causal):
+    """The CUDA path (compiled flex_attention, the bucket's BlockMask) computes what the CPU path does,
+    gradients included, with a padding mask; the second length of the bucket neither rebuilds the mask
+    nor recompiles (dynamo's error_on_recompile)."""
+    import torch._dynamo
+
+    flex, exact = ea.WindowAttention(32, 2, 2), ea.WindowAttention(32, 2, 2, backend="sdpa")
+    builds = None
+    for length in (200, 250):  # one 256-token bucket
+        q, k, v = (t.cuda().requires_grad_() for t in heads(length=length))
+        keep = torch.ones(2, length, dtype=torch.bool, device="cuda")
+        keep[1, length - 20:] = False
+        mask = keep[:, None, None, :].expand(2, 1, length, length)
+        guard = torch._dynamo.config.patch(error_on_recompile=True) if builds is not None else torch.enable_grad()
+        with guard:
+            out = flex(q, k, v, mask, 16**-0.5, 0.0, causal)
+            (grad_flex,) = torch.autograd.grad(out[:, :, :-20].sum(), q)
+        ref = exact(q, k, v, mask, 16**-0.5, 0.0, causal)
+        (grad_ref,) = torch.autograd.grad(ref[:, :, :-20].sum(), q)
+        torch.testing.assert_close(out[:, :, :-20], ref[:, :, :-20], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(grad_flex, grad_ref, atol=1e-3, rtol=1e-3)
+        assert builds is None or ea.BUILDS["masks"] == builds
+        builds = ea.BUILDS["masks"]
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_linear_attention_equals_its_quadratic_form(causal):
     """Katharopoulos et al. eq. 4 vs the linearised eq. 5 (bidirectional) and the chunked prefix sums (causal)."""

@@ -11,8 +11,8 @@ Python: masks are index arithmetic, linear attention's causal prefix sums run pe
   (causal: the ``window`` tokens up to itself; bidirectional: ``2·window − 1`` tokens centred on it,
   Longformer's w = 2·window − 1), of those only every ``dilation``-th, and the first ``global_tokens``
   tokens see and are seen by every token (causal: every earlier one). On CUDA it runs through
-  FlexAttention (``torch.nn.attention.flex_attention``) with a block mask built once per length bucket
-  (``bucket_length``) and cut to the batch's length; on CPU through SDPA with a boolean mask built
+  FlexAttention (``torch.nn.attention.flex_attention``, compiled) with a block mask built once per
+  length bucket (``bucket_length``), the batch padded to the bucket's length (so no recompile); on CPU through SDPA with a boolean mask built
   the same way. Measured in the locked torch (2.13, CPU): flex_attention has no backward on CPU
   ("FlexAttention does not support backward on CPU") and ``create_block_mask`` took 6.5 s for one
   256-token mask, so the CPU path is the exact masked SDPA, chosen by the device.
@@ -99,35 +99,43 @@ class WindowAttention(nn.Module):
         return self._masks[key][:length, :length]
 
     def block_mask(self, length: int, causal: bool, device: torch.device):
+        """The bucket's BlockMask, built once (``length`` is a bucket length)."""
         from torch.nn.attention.flex_attention import create_block_mask
 
-        key = (bucket_length(length), causal, str(device), "block")
+        key = (length, causal, str(device), "block")
         if key not in self._masks:
             rule = window_rule(self.window, self.dilation, self.global_tokens, causal)
-            self._masks[key] = create_block_mask(rule, None, None, key[0], key[0], device=device)
+            self._masks[key] = create_block_mask(rule, None, None, length, length, device=device)
             BUILDS["masks"] += 1
-        return self._masks[key]._adjust(length, length)
+        return self._masks[key]
 
     def forward(self, q, k, v, mask, scaling, dropout, causal):
-        length = q.shape[-2]
         if self.use_flex(q.device):
             return self.flex(q, k, v, mask, scaling, causal)
-        allowed = self.dense_mask(length, causal, q.device)
+        allowed = self.dense_mask(q.shape[-2], causal, q.device)
         if mask is not None:
             allowed = allowed & as_bool_mask(mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling)
 
     def flex(self, q, k, v, mask, scaling, causal):
-        from torch.nn.attention.flex_attention import flex_attention
-
+        """FlexAttention at the bucket's length: the batch is padded up to it, so every batch of the bucket
+        has the same shapes and BlockMask and the compiled kernel is reused (no recompile). Padded keys
+        (and a padding mask's) are removed by a score_mod reading a (batch, bucket) tensor."""
+        length = q.shape[-2]
+        n = bucket_length(length)
+        keep = key_keep(mask)
         score_mod = None
-        if mask is not None:  # padding: a score_mod, so the cached block mask stays batch-independent
-            keep = key_keep(mask)
+        if n > length or keep is not None:
+            if keep is None:
+                keep = torch.ones(q.shape[0], length, dtype=torch.bool, device=q.device)
+            keep = F.pad(keep, (0, n - length), value=False)
+            q, k, v = (F.pad(t, (0, 0, 0, n - length)) for t in (q, k, v))
 
             def score_mod(score, b, h, qi, kv):
                 return torch.where(keep[b, kv], score, -float("inf"))
-        return compiled_flex()(q, k, v, score_mod=score_mod, block_mask=self.block_mask(q.shape[-2], causal, q.device),
-                               scale=scaling)
+        out = compiled_flex()(q, k, v, score_mod=score_mod, block_mask=self.block_mask(n, causal, q.device),
+                              scale=scaling)
+        return out[:, :, :length]
 
 
 _FLEX: list = []
@@ -402,5 +410,5 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     """transformers' self-attention modules that dispatch through the AttentionInterface (Llama's
     ``self_attn``, BERT's ``attention.self``): they have a config and a causal flag."""
     return [m for m in model.modules()
-            if hasattr(m, "config") and hasattr(getattr(m, "config"), "_attn_implementation") and hasattr(m, "is_causal")
-            and type(m).__name__.endswith(("Attention", "SelfAttention"))]
+            if hasattr(m, "config") and hasattr(m.config, "_attn_implementation") and hasattr(m, "is_causal")
+            and type(m).__name__.endswith("Attention")]
