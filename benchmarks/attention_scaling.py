@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/_checkout.py, however this is run
@@ -312,8 +313,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "threads": torch.get_num_threads(),
               "memory_method": "cuda.max_memory_allocated" if device.type == "cuda" else "cpu live tensor storage (approx.)",
               "shape": {**shape, "dtype": str(shape["dtype"]).removeprefix("torch.")}, "smoke": args.smoke}
-    import torch._dynamo
-
     for limit in ("recompile_limit", "cache_size_limit"):  # one compiled flex_attention per length and mask
         with contextlib.suppress(AttributeError):
             setattr(torch._dynamo.config, limit, 64)

@@ -197,11 +197,12 @@ class LinearAttention(nn.Module):
     kind = "linear"
 
     def forward(self, q, k, v, mask, scaling, dropout, causal):
-        fk = elu_features(k)
+        dtype = q.dtype  # the prefix sums run in float32: bf16 loses them over long sequences
+        fk = elu_features(k.float())
         keep = key_keep(mask)
         if keep is not None:
             fk = fk * keep[:, None, :, None]
-        return kernel_attention(elu_features(q), fk, v, causal)
+        return kernel_attention(elu_features(q.float()), fk, v.float(), causal).to(dtype)
 
 
 def orthogonal_features(m: int, d: int, generator: torch.Generator) -> Tensor:
