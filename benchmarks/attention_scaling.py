@@ -64,7 +64,7 @@ GPU = dict(batch=1, heads=16, head_dim=64, lengths=[256, 512, 1024, 2048, 4096, 
            features=256, bucket=64, n_hashes=2, dtype=torch.bfloat16)
 SMOKE = dict(batch=1, heads=2, head_dim=16, lengths=[64, 128], window=16, k=16, features=16, bucket=16,
              n_hashes=2, dtype=torch.float32)
-TIMING = {"full": dict(warmup=1, iters=3, min_time_s=0.05, max_time_s=3.0),
+TIMING = {"full": dict(warmup=1, iters=5, min_time_s=0.05, max_time_s=5.0),
           "smoke": dict(warmup=1, iters=1, min_time_s=0.0, max_time_s=0.5)}
 EXACT = ["math", "efficient", "flash", "cudnn", "flex"]
 
