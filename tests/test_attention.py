@@ -227,6 +227,18 @@ def test_the_lm_with_a_full_window_computes_what_the_dense_lm_does(kv_heads):
     assert compressor.report()["layers"] == 2 and compressor.report()["causal"]
 
 
+@pytest.mark.parametrize("kind, fields", [("window", {"window": 8, "global_tokens": 2}), ("linear", {}),
+                                          ("performer", {"features": 32}), ("linformer", {"k": 8})])
+def test_the_lm_with_each_variant_never_sees_later_tokens(kind, fields):
+    """In the model (RoPE, 2 layers): logits up to position 19 do not change when tokens 20.. change."""
+    model = tiny_lm()
+    installed(kind, model, **fields)
+    ids = torch.randint(0, 64, (2, 32))
+    later = ids.clone()
+    later[:, 20:] = (ids[:, 20:] + 1) % 64
+    assert torch.equal(model(ids)[:, :20], model(later)[:, :20])
+
+
 def test_linformer_parameters_train_and_are_in_the_state_dict():
     model = tiny_lm()
     installed("linformer", model, k=8)
