@@ -24,7 +24,7 @@ The slope is the least-squares fit of log(time) on log(length) over the longer h
 (short lengths measure launch overhead, not the algorithm); the crossover is the shortest measured
 length from which a variant is faster than the fastest exact backend at every longer length.
 
-    python benchmarks/attention_scaling.py                  # CPU, 1 thread: 128 .. 4096 tokens, ~2 min
+    python benchmarks/attention_scaling.py                  # CPU, 1 thread: 128 .. 4096 tokens, under a minute
     python benchmarks/attention_scaling.py --device cuda    # GPU, bf16: 256 .. 16384 tokens
     python benchmarks/attention_scaling.py --smoke          # tiny, seconds: the code path (tests)
 
@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -237,7 +238,9 @@ def markdown(result: dict[str, Any]) -> str:
              f"{s['features']} features, LSH {s['n_hashes']} hashes × buckets of {s['bucket']}. "
              f"Exact backends this device lacks: {', '.join(result['skipped_exact']) or 'none'}.", ""]
     if result["device_type"] == "cpu":
-        lines += [f"CPU run with {result['threads']} thread(s) on a shared machine: the window variant runs as "
+        lines += [f"CPU run with {result['threads']} thread(s) on a shared machine (1-minute load average "
+                  f"{result['load_before']:.1f} before, {result['load_after']:.1f} after: the slopes move with the "
+                  "load between lengths; the methods of one length are interleaved). The window variant runs as "
                   "masked SDPA here (FlexAttention has no CPU backward in this torch), which computes every score, "
                   "so its slope stays near 2; on CUDA it runs through FlexAttention and skips the masked blocks.",
                   ""]
@@ -316,7 +319,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for limit in ("recompile_limit", "cache_size_limit"):  # one compiled flex_attention per length and mask
         with contextlib.suppress(AttributeError):
             setattr(torch._dynamo.config, limit, 64)
+    result["load_before"] = os.getloadavg()[0]
     result |= run(shape, device, TIMING["smoke" if args.smoke else "full"])
+    result["load_after"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("attention_scaling_" + slug(result["device"]) + ("_smoke" if args.smoke else ""))
     result["plot"] = plot(result, stem.with_suffix(".png"))
