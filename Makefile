@@ -79,10 +79,10 @@ lint: setup ## ruff over the code
 EARLYBERT_TIME ?= hardware=auto model=bert_base model.pretrained=null data.batch_size=256 data.num_workers=4 \
   measure.batch_size=256 trainer.max_epochs=3 compressor.check_every=4
 
-# The MoE dispatch benchmark runs its CPU case on one thread (a fair share of a loaded machine; MOE_THREADS=N to change)
+# The MoE dispatch and attention scaling benchmarks run their CPU cases on one thread (a fair share of a loaded machine; MOE_THREADS=N to change)
 MOE_THREADS ?= 1
 
-bench: setup ## measure dense vs compressed (magnitude, structured BERT, channel-pruned conv nets, kernels, mask overhead, fp8 training, MoE dispatch, EarlyBERT end to end on a GPU); results in benchmarks/results/
+bench: setup ## measure dense vs compressed (magnitude, structured BERT, channel-pruned conv nets, kernels, mask overhead, fp8 training, MoE dispatch, attention scaling, EarlyBERT end to end on a GPU); results in benchmarks/results/
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/structured_bert.py
 	$(PY) benchmarks/structured_conv.py
@@ -91,6 +91,9 @@ bench: setup ## measure dense vs compressed (magnitude, structured BERT, channel
 	$(PY) benchmarks/fp8_training.py
 	OMP_NUM_THREADS=$(MOE_THREADS) $(PY) benchmarks/moe_dispatch.py --threads $(MOE_THREADS)
 	$(PY) benchmarks/gqa_decode.py
+	OMP_NUM_THREADS=$(MOE_THREADS) $(PY) benchmarks/attention_scaling.py --threads $(MOE_THREADS)
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+	  $(PY) benchmarks/attention_scaling.py --device cuda; fi
 	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 	  $(PY) benchmarks/earlybert_time.py $(EARLYBERT_TIME) && \
 	  $(PY) benchmarks/earlybert_time.py $(EARLYBERT_TIME) compressor.ticket_epochs=2 compressor.ticket_lr_scale=2 \

@@ -149,6 +149,7 @@ OWNED = {
     "rewinding": "rewinds the model's state to an earlier point at every level",
     "activation thresholds": "calibrates activation thresholds kept in the model's state",
     "token dropping": "drops tokens from layers while training",
+    "attention": "replaces the attention function of every layer",
 }
 # Pairs of owned things that cannot meet in one run (each found to crash or to undo the other in the
 # composition matrix, tests/test_composition.py): each thing with itself; physical cuts, which rewind
@@ -162,7 +163,10 @@ CONFLICTS = {frozenset({thing}) for thing in OWNED} | {
                                  ("adapters", "masks"), ("adapters", "quantization"), ("adapters", "structure"),
                                  ("adapters", "training quantization"), ("adapters", "modules"),
                                  # a rewind resets calibrated thresholds: the run ended with no zeros
-                                 ("rewinding", "activation thresholds")]}
+                                 ("rewinding", "activation thresholds"),
+                                 # a window, Linformer's segments or LSH's buckets over the kept tokens
+                                 # would cover other positions than the ones they were set for
+                                 ("token dropping", "attention")]}
 
 
 class Compressor(L.Callback):
