@@ -262,6 +262,34 @@ def test_a_points_table_renders_lines_with_the_paper_beside_ours(tmp_path):
     assert json.loads(files["summary"].read_text())["passed"] is True
 
 
+def test_also_quantities_are_columns_panels_and_summary_entries(tmp_path):
+    """``also``: what else each run measured (dropped tokens, tokens/s) beside the claim's y."""
+    also = [{"key": "compressors.switch_moe.dropped", "label": "dropped (%)", "scale": 100, "decimals": 1},
+            {"key": "speed.compressed.tokens_per_s", "label": "tokens/s", "decimals": 0}]
+    spec = spec_of(tmp_path, TINY_TABLE, also=also)
+    points = []
+    for seed, (acc, dropped, speed) in enumerate([(0.9, 0.30, 6000), (0.8, 0.20, 6200)]):
+        run = {"test_acc": acc, "compressors": {"switch_moe": {"dropped": dropped}},
+               "speed": {"compressed": {"tokens_per_s": speed}}}
+        points += tables.read_points(spec, "pruned", seed, run)
+    points += tables.read_points(spec, "dense", 0, {"test_acc": 0.95})  # measured neither: dashes
+    cells = tables.aggregate(points)
+    assert cells["pruned"][None].also["compressors.switch_moe.dropped"] == pytest.approx(
+        (25.0, statistics.stdev([30.0, 20.0]), 2))
+    assert cells["dense"][None].also == {}
+    outcome = tables.Outcome(spec, cells, tables.check_claims(spec, cells), [], [0, 1], "effml reproduce t")
+    files = tables.write_outputs(outcome, tmp_path / "out")
+    markdown = files["markdown"].read_text()
+    assert "| dropped (%) | tokens/s |" in markdown
+    assert "| 85.00 ± 7.07 (2) | 88.70 | 25.0 ± 7.1 | 6100 ± 141 |" in markdown and "| — | — |" in markdown
+    summary = json.loads(files["summary"].read_text())
+    pruned = next(c for c in summary["cells"] if c["series"] == "pruned")
+    assert pruned["also"]["speed.compressed.tokens_per_s"]["mean"] == pytest.approx(6100)
+    assert files["plot"].read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(EffmlError, match="also: extra quantities are shown for tables without x only"):
+        spec_of(tmp_path, LEVELS_TABLE, also=also)
+
+
 def test_ticks_keep_the_dense_and_the_sparsest_level_and_prefer_ours():
     assert tables.pick_ticks([100, 51.2], [100, 51.3, 7.0], log=True) == [7.0, 51.2, 100]
     crowded = tables.pick_ticks([100, 80, 64, 51.2, 10.7], [51.3, 1.9], log=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -19,6 +19,7 @@ class Point:
     seed: int
     x: float | None
     y: float
+    also: tuple[tuple[str, float], ...] = ()  # (key, value) of the spec's ``also`` quantities this run has
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Cell:
     std: float
     n: int
     values: tuple[float, ...]
+    also: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # key → (mean, std, n)
 
 
 Cells = dict[str, dict[float | None, Cell]]  # series → x → cell
@@ -72,8 +74,23 @@ def read_points(spec: TableSpec, series: str, seed: int, metrics: Mapping[str, A
             continue
         if spec.x:
             x = round(grouping_x(x) * spec.x.scale, 9)  # 0.512 × 100 is 51.2, not 51.200000000000003
-        points.append(Point(series, seed, x, float(y) * spec.y.scale))
+        points.append(Point(series, seed, x, float(y) * spec.y.scale, also_values(spec, item)))
     return points
+
+
+def also_values(spec: TableSpec, item: Mapping[str, Any]) -> tuple[tuple[str, float], ...]:
+    """The ``also`` quantities of one run, in table units; one the run did not measure is left out."""
+    found = []
+    for axis in spec.also:
+        try:
+            value = lookup(item, axis.key)
+        except KeyError:
+            continue
+        if isinstance(value, Mapping):
+            value = value.get("compressed")
+        if value is not None:
+            found.append((axis.key, float(value) * axis.scale))
+    return tuple(found)
 
 
 def run_device(metrics: Mapping[str, Any]) -> str:
@@ -86,18 +103,31 @@ def run_device(metrics: Mapping[str, Any]) -> str:
 
 
 def aggregate(points: Iterable[Point]) -> Cells:
-    groups: dict[str, dict[float | None, list[float]]] = {}
+    groups: dict[str, dict[float | None, list[Point]]] = {}
     for p in points:
-        groups.setdefault(p.series, {}).setdefault(p.x, []).append(p.y)
+        groups.setdefault(p.series, {}).setdefault(p.x, []).append(p)
     return {
-        series: {x: make_cell(series, x, ys) for x, ys in by_x.items()}
+        series: {x: make_cell(series, x, [p.y for p in ps], _also(ps)) for x, ps in by_x.items()}
         for series, by_x in groups.items()
     }
 
 
-def make_cell(series: str, x: float | None, values: list[float]) -> Cell:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return Cell(series, x, statistics.fmean(values), std, len(values), tuple(values))
+def _also(points: list[Point]) -> dict[str, tuple[float, float, int]]:
+    by_key: dict[str, list[float]] = {}
+    for p in points:
+        for key, value in p.also:
+            by_key.setdefault(key, []).append(value)
+    return {key: _mean_std(values) + (len(values),) for key, values in by_key.items()}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def make_cell(series: str, x: float | None, values: list[float],
+              also: dict[str, tuple[float, float, int]] | None = None) -> Cell:
+    mean, std = _mean_std(values)
+    return Cell(series, x, mean, std, len(values), tuple(values), also or {})
 
 
 def find_cell(cells: Cells, series: str, x: float | None) -> Cell | None:

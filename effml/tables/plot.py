@@ -22,9 +22,11 @@ def plot(outcome: Outcome, path: Path) -> None:
     from matplotlib.figure import Figure
 
     spec = outcome.spec
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    figure = Figure(figsize=(7 + 3.5 * len(spec.also), 4.5), layout="constrained")
     FigureCanvasAgg(figure)  # the Agg backend, without pyplot's global state
-    axes = figure.add_subplot()
+    axes, *extra = figure.subplots(1, 1 + len(spec.also), squeeze=False, width_ratios=[2] + [1] * len(spec.also))[0]
+    for panel, axis in zip(extra, spec.also, strict=True):
+        _also_bars(panel, outcome, axis)
     if spec.x is None:
         _bars(axes, outcome)
     else:
@@ -106,22 +108,47 @@ def pick_ticks(ours: list[float], paper: list[float], log: bool, min_gap: float 
     return sorted(kept)
 
 
+def _bar_bottom(axes, cells: list[Cell | None], published: list[float]) -> float:
+    """Where the bars start, and the y range set: accuracies near 90% should not all look equal, so the
+    axis starts below the lowest value (at 0 at most for positive values); negative values (neg. log
+    perplexity) get bars rising from below their lowest value, not hanging from 0."""
+    lows = [c.mean - c.std for c in cells if c] + published
+    if not lows:
+        return 0.0
+    top = max([c.mean + c.std for c in cells if c] + published)
+    low = min(lows)
+    bottom = low - 0.2 * (top - low) - 1e-9
+    bottom = max(0.0, bottom) if low >= 0 else bottom
+    axes.set_ylim(bottom, top + 0.1 * (top - low) + 1e-9)
+    return bottom
+
+
+def _also_bars(axes, outcome: Outcome, axis) -> None:
+    """One ``also`` quantity: a bar per series (mean ± std), in the series' colours."""
+    spec = outcome.spec
+    cells = [find_cell(outcome.cells, s.key, None) for s in spec.shown_series]
+    stats = [c.also.get(axis.key) if c else None for c in cells]
+    positions = range(len(stats))
+    axes.bar(positions, [v[0] if v else 0 for v in stats], yerr=[v[1] if v else 0 for v in stats],
+             color=[f"C{i}" for i in positions], capsize=4, alpha=0.85)
+    axes.set_xticks(list(positions), [s.key for s in spec.shown_series], rotation=30, fontsize=7)
+    axes.set_ylabel(axis.label or axis.key)
+    axes.grid(alpha=0.3)
+
+
 def _bars(axes, outcome: Outcome) -> None:
     spec = outcome.spec
     paper = spec.paper_values()
     labels = [s.label or s.key for s in spec.shown_series]
     cells = [find_cell(outcome.cells, s.key, None) for s in spec.shown_series]
     positions = range(len(spec.shown_series))
-    axes.bar(positions, [c.mean if c else 0 for c in cells], yerr=[c.std if c else 0 for c in cells],
-             color=[f"C{i}" for i in positions], capsize=4, alpha=0.85, label="ours (mean ± std)")
     published = [(i, paper[s.key][None]) for i, s in enumerate(spec.shown_series) if None in paper.get(s.key, {})]
+    bottom = _bar_bottom(axes, cells, [y for _, y in published])
+    axes.bar(positions, [c.mean - bottom if c else 0 for c in cells], bottom=bottom,
+             yerr=[c.std if c else 0 for c in cells], color=[f"C{i}" for i in positions], capsize=4, alpha=0.85,
+             label="ours (mean ± std)")
     if published:
         axes.plot([i for i, _ in published], [y for _, y in published], "ks", markerfacecolor="none",
                   linestyle="none", label="paper")
-    lows = [c.mean - c.std for c in cells if c] + [y for _, y in published]
-    if lows:  # accuracies near 90% should not all look equal: start the axis below the lowest value
-        top = max([c.mean + c.std for c in cells if c] + [y for _, y in published])
-        low = min(lows)
-        axes.set_ylim(max(0.0, low - 0.2 * (top - low) - 1e-9), top + 0.1 * (top - low) + 1e-9)
     width = min(28, max(10, 70 // len(labels)))  # characters a bar's slot holds on the 10-inch figure
     axes.set_xticks(list(positions), [textwrap.fill(label, width) for label in labels])

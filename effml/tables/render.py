@@ -123,13 +123,23 @@ def grid(outcome: Outcome) -> tuple[list[str], list[list[str]]]:
 def _grid_by_series(outcome: Outcome, paper: dict[str, dict[float | None, float]]):
     spec, d = outcome.spec, outcome.spec.y.decimals
     header = ["series", f"ours: {spec.y.label or spec.y.key} (n)"] + (["paper"] if paper else [])
+    header += [axis.label or axis.key for axis in spec.also]
     rows = []
     for s in spec.shown_series:
         row = [s.label or s.key, series_cell_text(outcome, s.key, None)]
         if paper:
             row.append(_paper_text(paper.get(s.key, {}).get(None), d))
+        cell = find_cell(outcome.cells, s.key, None)
+        row += [_also_text(cell, axis) for axis in spec.also]
         rows.append(row)
     return header, rows
+
+
+def _also_text(cell: Cell | None, axis) -> str:
+    if cell is None or axis.key not in cell.also:
+        return "—"
+    mean, std, n = cell.also[axis.key]
+    return f"{mean:.{axis.decimals}f}" + (f" ± {std:.{axis.decimals}f}" if n > 1 else "")
 
 
 def _grid_by_x(outcome: Outcome, xs: list[float], paper: dict[str, dict[float | None, float]]):
@@ -246,11 +256,14 @@ def summary(outcome: Outcome) -> dict[str, Any]:
         "seeds": outcome.seeds,
         "x": None if spec.x is None else asdict(spec.x),
         "y": asdict(spec.y),
+        "also": [asdict(axis) for axis in spec.also],
         "passed": outcome.passed,
         "claims": [asdict(c) for c in outcome.claims],
         "missing": [asdict(m) for m in outcome.missing],
         "cells": [
-            {"series": c.series, "x": c.x, "mean": c.mean, "std": c.std, "n": c.n, "values": list(c.values)}
+            {"series": c.series, "x": c.x, "mean": c.mean, "std": c.std, "n": c.n, "values": list(c.values),
+             **({"also": {k: dict(zip(("mean", "std", "n"), v, strict=True)) for k, v in c.also.items()}}
+                if c.also else {})}
             for by_x in outcome.cells.values() for c in by_x.values()
         ],
     }

@@ -64,6 +64,9 @@ class TableSpec:
     y: Axis = MISSING
     x: Axis | None = None
     points: str | None = None
+    # More quantities each run measured, shown beside y (a column each, a panel each in the plot):
+    # the dropped tokens and the speed beside the loss, say. Tables without x only.
+    also: list[Axis] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     overrides: list[str] = field(default_factory=list)
     reference: Reference | None = None
@@ -136,6 +139,8 @@ def spec_problem(spec: TableSpec) -> str | None:
         return "seeds: needs at least one seed"
     if spec.x is None and spec.points:
         return "points: a list of points per run needs an x axis (x.key)"
+    if spec.also and spec.x is not None:
+        return "also: extra quantities are shown for tables without x only"
     shown = [s.key for s in spec.shown_series]
     if not shown:
         return "series: needs at least one series that is not a prerequisite"
