@@ -202,7 +202,11 @@ def _moe_step(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from effml.models.switch import SwitchFFN
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from datetime import timedelta
+
+    # a timeout: a rank that dies must fail the test, not hang it
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
     torch.manual_seed(0)
     # capacity for every token (no drop depends on the slice size); no jitter (no per-rank random draws)
     layer = SwitchFFN(MOE_DIM, 32, 4, capacity_factor=4.0, jitter_eps=0.0, aux_loss_coef=0.5)
@@ -217,6 +221,7 @@ def _moe_step(rank: int, world: int, init_file: str, out_dir: str) -> None:
     if rank == 0:
         torch.save({"aux": aux / world, **{k: p.grad for k, p in layer.named_parameters()}},
                    f"{out_dir}/world{world}.pt")
+    dist.barrier()  # both ranks leave together: a rank gone before the other's teardown hung it (25 min)
     dist.destroy_process_group()
 
 
