@@ -13,6 +13,7 @@ RECIPE ?= magnitude_lenet
 # make wheelhouse: wheels for an air-gapped node (its Python and platform; torch is the node's own).
 WHEEL_PYTHON ?= 3.12
 WHEEL_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 any
+WHEELHOUSE ?= wheelhouse
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-fast test-slow test-latest lock lint bench wheelhouse clean
@@ -101,10 +102,10 @@ bench: setup ## measure dense vs compressed (magnitude, structured BERT, channel
 	else echo "skipping benchmarks/earlybert_time.py: it trains BERT-base end to end twice and needs a GPU"; fi
 
 wheelhouse: setup ## wheels of effml and its dependencies for an offline node (WHEEL_PYTHON, WHEEL_PLATFORMS)
-	rm -rf wheelhouse && mkdir -p wheelhouse
-	$(PY) -m pip wheel -qq --no-deps -w wheelhouse .
-	$(PY) tools/wheelhouse.py wheelhouse $(WHEEL_PYTHON) $(WHEEL_PLATFORMS)
-	@echo "wheelhouse/: on the node run  pip install --no-index --find-links wheelhouse effml"
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(PY) -m pip wheel -qq --no-deps -w $(WHEELHOUSE) .
+	$(PY) tools/wheelhouse.py $(WHEELHOUSE) $(WHEEL_PYTHON) $(WHEEL_PLATFORMS)
+	@echo "$(WHEELHOUSE)/: on the node run  pip install --no-index --find-links $(WHEELHOUSE) effml"
 
 clean: ## remove caches (never outputs/)
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache wheelhouse .venv-latest

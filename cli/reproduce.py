@@ -4,7 +4,9 @@ The table spec (``recipes/tables/TABLE.yaml``, see ``effml.tables``) names a rec
 series. Every job of every series is composed and validated first, so a bad override is one line
 and exit code 2 before any work. Then each series, in the declared order (a control series may
 need the base series' finished runs), runs as one ``effml train -m`` subprocess whose output
-streams to the console. ``effml train`` skips runs that have a metrics.json, so a rerun only does
+streams to the console. With ``--launcher local|slurm`` that command gets Hydra's submitit launcher
+(``hydra/launcher=submitit_local`` or ``slurm``), which runs the series' jobs at the same time, as local
+processes or SLURM jobs, and returns once they have all ended: the series still run one after the other. ``effml train`` skips runs that have a metrics.json, so a rerun only does
 what is missing; a failed job never stops the others, its cell just shows as missing.
 
 Results are found where the runs put them: ``runner.plan(cfg).run_dir.metrics`` for the
@@ -42,11 +44,14 @@ from effml.errors import EffmlError
 from effml.paths import RunDir
 from effml.tables import Missing, Outcome, Point, Series, TableSpec
 
-USAGE = """usage: effml reproduce TABLE [--seeds 0,1,2] [--dry-run | --report] [override ...]
+USAGE = """usage: effml reproduce TABLE [--seeds 0,1,2] [--launcher local|slurm] [--dry-run | --report] [override ...]
        effml reproduce --list
 
   TABLE          a table spec: recipes/tables/TABLE.yaml (or $EFFML_RECIPES/tables/TABLE.yaml)
   --seeds LIST   seeds to run instead of the table's (comma-separated)
+  --launcher L   run each series' jobs through Hydra's submitit launcher, all at once: local (processes
+                 of this machine, submitit_local) or slurm (SLURM jobs, conf/hydra/launcher/slurm.yaml;
+                 set hydra.launcher.partition=... as an override); the series still run in order
   --dry-run      print the effml train commands and how many runs are finished; run nothing
   --report       only re-render the table from the runs that are finished; run nothing
   --list         the tables there are
@@ -64,6 +69,11 @@ class Options:
     list_tables: bool = False
     help: bool = False
     overrides: tuple[str, ...] = ()
+    launcher: str | None = None
+
+
+# --launcher NAME → the Hydra launcher config each series' `effml train -m` gets (conf/hydra/launcher/)
+LAUNCHERS = {"local": "submitit_local", "slurm": "slurm"}
 
 
 @dataclass
@@ -87,9 +97,12 @@ class SeriesPlan:
     overrides: list[str]
     jobs: list[Job]
     output_root: Path
+    launcher: str | None = None  # a key of LAUNCHERS; None: the jobs run one by one in that process
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "effml.cli.main", "train", "-m", *self.overrides]
+        # the launcher goes first: the table's and the user's hydra.launcher.* overrides refine it
+        launcher = [f"hydra/launcher={LAUNCHERS[self.launcher]}"] if self.launcher else []
+        return [sys.executable, "-m", "effml.cli.main", "train", "-m", *launcher, *self.overrides]
 
     def finished(self) -> list[Job]:
         return [job for job in self.jobs if job.metrics.exists()]
@@ -105,6 +118,8 @@ def reproduce(args: list[str]) -> int:
     spec = tables.find_table(options.table)
     seeds = options.seeds or spec.seeds
     plans = plan_series(spec, seeds, list(options.overrides))
+    for plan in plans:
+        plan.launcher = options.launcher
     console = Console()
     if options.dry_run:
         print_commands(plans, console)
@@ -134,6 +149,8 @@ def parse(args: list[str]) -> Options:
         elif arg == "--seeds" or arg.startswith("--seeds="):
             value = arg.partition("=")[2] if "=" in arg else (rest.pop(0) if rest else "")
             options.seeds = parse_seeds(value)
+        elif arg == "--launcher" or arg.startswith("--launcher="):
+            options.launcher = parse_launcher(arg.partition("=")[2] if "=" in arg else (rest.pop(0) if rest else ""))
         elif arg.startswith("-"):
             raise EffmlError(f"effml reproduce: unknown option '{arg}'; see effml reproduce --help")
         elif options.table is None and "=" not in arg:
@@ -156,6 +173,12 @@ def parse_seeds(value: str) -> list[int]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise EffmlError(f"--seeds needs distinct integers separated by commas, e.g. 0,1,2; got {value!r}")
     return seeds
+
+
+def parse_launcher(value: str) -> str:
+    if value not in LAUNCHERS:
+        raise EffmlError(f"--launcher must be one of {', '.join(LAUNCHERS)}; got {value!r}")
+    return value
 
 
 def check_override(arg: str) -> str:

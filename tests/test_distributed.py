@@ -260,6 +260,63 @@ def test_a_submitit_local_sweep_runs_both_jobs_and_lists_them(tmp_path):
     assert list((tmp_path / "outputs" / "multirun").glob("*/.submitit/*"))  # submitit ran them
 
 
+# A preemption or a timeout on a cluster: submitit sends the job SIGUSR2, calls the launcher's
+# checkpoint() (Hydra's BaseSubmititLauncher resubmits the same job with the same arguments) and requeues
+# it; the rerun resumes from the run's own last checkpoint, as the same command does after a SIGKILL.
+# The local executor does the same thing in-place (its controller restarts the task), so it is tested here.
+PREEMPT_RUN = [{"trainer.max_epochs=3": "trainer.max_epochs=8"}.get(a, a) for a in KILL_RUN if a not in TWO]
+
+
+def submitit_tasks(folder: Path) -> list[int]:
+    """The pids of the submitit tasks (``submitit.core._submit``) running jobs under ``folder``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in words and any(str(folder).encode() in w for w in words):
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the submitit task through /proc")
+def test_a_preempted_submitit_job_is_requeued_and_resumes_exactly(tmp_path):
+    from test_resume import stage_files
+
+    whole, preempted = tmp_path / "whole", tmp_path / "preempted"
+    whole.mkdir(), preempted.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    sweep = subprocess.Popen([sys.executable, "-m", "effml.cli.main", "train", "-m", "hydra/launcher=submitit_local",
+                              *PREEMPT_RUN[1:]], cwd=preempted, env=env, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not list(preempted.glob("outputs/*/*/*/stages/00_train/checkpoints/last.ckpt")):
+            assert sweep.poll() is None, sweep.stdout.read()
+            assert time.time() < deadline, "no checkpoint was written"
+            time.sleep(0.05)
+        tasks = submitit_tasks(preempted)  # (one process trains 160 steps in seconds: signal it at once)
+        assert len(tasks) == 1, tasks
+        os.kill(tasks[0], signal.SIGUSR2)  # what SLURM sends before a timeout or a preemption
+        out, _ = sweep.communicate(timeout=600)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+    assert sweep.returncode == 0, out[-3000:]
+    assert "1 jobs, 1 finished, 0 skipped, 0 failed" in " ".join(out.split()), out[-3000:]
+    logs = " ".join(f.read_text() for f in preempted.rglob(".submitit/*/*_log.*"))
+    assert "Requeued job" in logs, logs[-3000:]
+    run_log = next(preempted.rglob("run.log")).read_text()
+    assert ": resuming from" in run_log, run_log[-3000:]  # not a start from scratch
+    done = run_cli(PREEMPT_RUN, whole, env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert stage_files(preempted) == stage_files(whole)  # every stage's end.pt and model.pt, bit for bit
+    m1, m2 = metrics_of(preempted / "outputs"), metrics_of(whole / "outputs")
+    assert m1["test_acc"] == m2["test_acc"] and m1["sparsity"] == m2["sparsity"]
+
+
 def test_hardware_auto_keeps_the_process_settings():
     from effml.config import HardwareConfig
     from effml.kernels import hardware as hw

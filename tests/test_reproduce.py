@@ -368,6 +368,15 @@ def test_dry_run_prints_one_command_per_series_and_runs_nothing(effml, tiny):
     assert not (tiny / "outputs").exists()
 
 
+@pytest.mark.parametrize("launcher, config", [("local", "submitit_local"), ("slurm", "slurm")])
+def test_a_launcher_goes_into_every_series_command(effml, tiny, launcher, config):
+    code, out, _ = effml("reproduce", "tiny", "--dry-run", f"--launcher={launcher}", *TINY)
+    assert code == 0
+    commands = [line for line in out.splitlines() if " train -m " in line]
+    assert len(commands) == 2 and all(f"train -m hydra/launcher={config} recipe=" in c for c in commands)
+    assert not (tiny / "outputs").exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -377,6 +386,8 @@ def test_dry_run_prints_one_command_per_series_and_runs_nothing(effml, tiny):
         (["reproduce", "tiny", "seed=3"], "--seeds"),
         (["reproduce", "tiny", "--seeds", "a,b"], "--seeds needs distinct integers"),
         (["reproduce", "tiny", "--frobnicate"], "unknown option '--frobnicate'"),
+        (["reproduce", "tiny", "--launcher", "pbs"], "--launcher must be one of local, slurm; got 'pbs'"),
+        (["reproduce", "tiny", "--launcher"], "--launcher must be one of local, slurm; got ''"),
         (["reproduce", "broken"], "table "),
     ],
 )
@@ -532,3 +543,21 @@ def test_an_unknown_kind_or_field_is_one_line(tmp_path, claim, message):
         spec_of(tmp_path, GAP_TABLE, claims=[claim])
     text = str(raised.value)
     assert message in text and "\n" not in text and text.startswith(f"table {tmp_path}"), text
+
+
+@pytest.mark.slow  # ~50 s on 2 busy cores: a process per series and per job, each importing torch
+def test_a_table_runs_its_series_through_the_submitit_launcher(tmp_path):
+    """--launcher local: each series' jobs are submitit jobs (processes of their own), the series in order."""
+    write_table(tmp_path / "recipes", "tiny", TINY_TABLE)
+    env = {"EFFML_RECIPES": str(tmp_path / "recipes"), "OMP_NUM_THREADS": "1"}
+    result = run_cli(["reproduce", "tiny", "--launcher", "local", "--seeds", "0", *TINY], cwd=tmp_path, env=env)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]  # the second claim cannot hold
+    assert "PASS pruning keeps the accuracy" in result.stdout and "results missing" not in result.stdout
+    sweeps = sorted((tmp_path / "outputs" / "multirun").glob("*"))
+    assert len(sweeps) == 2 and all(list(s.glob(".submitit/*")) for s in sweeps)  # a submitit sweep per series
+    runs = {recipe: sorted((tmp_path / "outputs" / recipe).glob("*/seed_*/metrics.json"))
+            for recipe in ("dense_lenet", "magnitude_lenet")}
+    assert [len(r) for r in runs.values()] == [1, 1]
+    # the series in order: the base series had ended before the next one's runs began
+    submitted = [min(f.stat().st_mtime for f in sweep.glob(".submitit/*/*_submitted.pkl")) for sweep in sweeps]
+    assert max(f.stat().st_mtime for f in runs["dense_lenet"]) < max(submitted)
