@@ -474,6 +474,18 @@ def _with_backend(backend, step) -> None:
         step()
 
 
+def time_and_cache(fns: Mapping[str, Any], keys: Mapping[str, str], selector: KernelSelector) -> dict[str, float]:
+    """Median ms of each of ``fns``, timed interleaved, and stored in the timing cache under ``keys``."""
+    timings = {}
+    if fns:
+        seconds = measure._time_interleaved(dict(fns), selector.device, **TIMING)
+        for name, s in seconds.items():
+            timings[name] = round(1e3 * sorted(s)[len(s) // 2], 4)
+            selector.cache.put(keys[name], timings[name])
+    selector.cache.save()
+    return timings
+
+
 def measured_sdpa_order(call: AttentionCall, hardware: Any, backends: list[str],
                         train: bool = True) -> tuple[list[str], Decision]:
     """``backends`` ordered for ``sdpa_kernel``: those that run this call, fastest first (fwd+bwd, as
@@ -500,12 +512,7 @@ def measured_sdpa_order(call: AttentionCall, hardware: Any, backends: list[str],
         except RuntimeError as e:  # this backend does not take these shapes / mask / dropout / device
             notes.append(f"{backend}: {_first_line(e)}")
             del fns[backend]
-    if fns:
-        seconds = measure._time_interleaved(fns, selector.device, **TIMING)
-        for backend, s in seconds.items():
-            timings[backend] = round(1e3 * sorted(s)[len(s) // 2], 4)
-            selector.cache.put(keys[backend], timings[backend])
-    selector.cache.save()
+    timings |= time_and_cache(fns, keys, selector)
     # Those that ran, fastest first; unless math (which runs anything) is among them, then those that
     # could not run this call (they may run another, e.g. evaluation without dropout), then math.
     order = sorted(timings, key=timings.__getitem__)
@@ -546,12 +553,7 @@ def measured_switch_dispatch(layer: nn.Module, tokens: int, hardware: Any) -> De
             out = probe(x)
         (out.float().square().mean() + probe.pop_router_loss()).backward()
 
-    fns = {path: (lambda path=path: step(path)) for path in paths if path not in timings}
-    if fns:
-        seconds = measure._time_interleaved(fns, selector.device, **TIMING)
-        for path, s in seconds.items():
-            timings[path] = round(1e3 * sorted(s)[len(s) // 2], 4)
-            selector.cache.put(keys[path], timings[path])
-        selector.cache.save()
+    timings |= time_and_cache({path: (lambda path=path: step(path)) for path in paths if path not in timings},
+                              keys, selector)
     fastest = min(timings, key=timings.__getitem__)
     return Decision("switch dispatch", fastest, f"measured fastest of {len(timings)} dispatches (fwd+bwd)", shape, timings)
