@@ -290,26 +290,24 @@ def _aggregate_diffs(diffs: dict, common: list, at: str) -> tuple[float, list]:
 
 def check_above(claim: AboveClaim, spec: TableSpec, cells: Cells) -> ClaimResult:
     """Passes when the series' best cell (within the x range) has a mean >= ``value``."""
-    d = spec.y.decimals
-    candidates = in_range(cells, claim.series, claim.min_x, claim.max_x)
-    if not candidates:
-        return ClaimResult(claim.name, claim.kind, False, None, claim.value,
-                           f"no result for {claim.series}{_range(claim)}")
-    best = max(candidates, key=lambda c: c.mean)
-    detail = f"{claim.series} best {_fmt(best.mean, d)}{_at(best)}; needs >= {claim.value:g}"
-    return ClaimResult(claim.name, claim.kind, best.mean >= claim.value, best.mean, claim.value, detail)
+    return _highest_cell_against(claim, spec, cells, "best", ">=", lambda mean: mean >= claim.value)
 
 
 def check_below(claim: BelowClaim, spec: TableSpec, cells: Cells) -> ClaimResult:
     """Passes when the series' worst (highest) cell within the x range has a mean <= ``value``."""
-    d = spec.y.decimals
+    return _highest_cell_against(claim, spec, cells, "highest", "<=", lambda mean: mean <= claim.value)
+
+
+def _highest_cell_against(claim: AboveClaim | BelowClaim, spec: TableSpec, cells: Cells, word: str, sign: str,
+                          passes) -> ClaimResult:
+    """The series' highest cell within the x range, held against the claim's fixed ``value``."""
     candidates = in_range(cells, claim.series, claim.min_x, claim.max_x)
     if not candidates:
         return ClaimResult(claim.name, claim.kind, False, None, claim.value,
                            f"no result for {claim.series}{_range(claim)}")
-    worst = max(candidates, key=lambda c: c.mean)
-    detail = f"{claim.series} highest {_fmt(worst.mean, d)}{_at(worst)}; needs <= {claim.value:g}"
-    return ClaimResult(claim.name, claim.kind, worst.mean <= claim.value, worst.mean, claim.value, detail)
+    highest = max(candidates, key=lambda c: c.mean)
+    detail = f"{claim.series} {word} {_fmt(highest.mean, spec.y.decimals)}{_at(highest)}; needs {sign} {claim.value:g}"
+    return ClaimResult(claim.name, claim.kind, passes(highest.mean), highest.mean, claim.value, detail)
 
 
 def check_recovers(claim: RecoversClaim, spec: TableSpec, cells: Cells) -> ClaimResult:
