@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_resume import final_state, kill_when, stage_files, start
+from test_resume import final_state, straight_and_killed
 
 from conftest import TINY, metrics_of, one_line_error, smoke_args
 from effml.compressors.attention import AttentionConfig, EfficientAttention
@@ -332,17 +332,7 @@ RESUME = ["train", "recipe=local_attention", "compressor.kind=linformer", "compr
 def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path):
     """Linformer's E and F (parameters) and the rest of the model after SIGKILL and a rerun equal an
     uninterrupted run's, bit for bit."""
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    straight.mkdir(), killed.mkdir()
-    run = start(straight, [], run=RESUME)
-    out, _ = run.communicate(timeout=900)
-    assert run.returncode == 0, out
-    kill_when(start(killed, [], run=RESUME), "outputs/*/*/*/stages/00_train/checkpoints/last.ckpt", killed)
-    assert not list(killed.rglob("metrics.json"))
-    again = start(killed, [], run=RESUME)
-    out, _ = again.communicate(timeout=900)
-    assert again.returncode == 0, out
-    assert stage_files(straight) == stage_files(killed)
+    straight, killed = straight_and_killed(tmp_path, RESUME)
     model_a, metrics_a = final_state(straight)
     model_b, metrics_b = final_state(killed)
     assert any(k.endswith("effml_attention.E") for k in model_a)

@@ -30,10 +30,24 @@ def start(cwd: Path, extra: list[str], run: list[str] = RESUME_RUN) -> subproces
                             env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-def finish(cwd: Path, extra: list[str], run: list[str] = RESUME_RUN) -> None:
+def finish(cwd: Path, extra: list[str], run: list[str] = RESUME_RUN, timeout: float = 600) -> None:
     process = start(cwd, extra, run)
-    out, _ = process.communicate(timeout=600)
+    out, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, out
+
+
+def straight_and_killed(tmp_path: Path, run: list[str],
+                        marker: str = "outputs/*/*/*/stages/00_train/checkpoints/last.ckpt") -> tuple[Path, Path]:
+    """``run`` uninterrupted in tmp_path/straight, and in tmp_path/killed SIGKILLed once ``marker``
+    appears, then run again; asserts the kill was mid-run and the finished stages match bit for bit."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir(), killed.mkdir()
+    finish(straight, [], run, timeout=900)
+    kill_when(start(killed, [], run), marker, killed)
+    assert not list(killed.rglob("metrics.json"))
+    finish(killed, [], run, timeout=900)
+    assert stage_files(straight) == stage_files(killed)
+    return straight, killed
 
 
 def kill_when(process: subprocess.Popen, marker_glob: str, cwd: Path, timeout: float = 300) -> Path:

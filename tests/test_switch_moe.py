@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_resume import kill_when, start
+from test_resume import straight_and_killed
 from torch import nn
 
 from conftest import TINY, metrics_of, one_line_error, smoke_args
@@ -125,19 +125,9 @@ RESUME = ["train", "recipe=switch_lm", "model.hidden=32", "model.layers=2", "mod
 @pytest.mark.slow
 def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path):
     """Weights, router statistics and the report after SIGKILL and a rerun equal an uninterrupted run's."""
-    from test_resume import final_state, stage_files
+    from test_resume import final_state
 
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    straight.mkdir(), killed.mkdir()
-    finish = start(straight, [], run=RESUME)
-    out, _ = finish.communicate(timeout=900)
-    assert finish.returncode == 0, out
-    kill_when(start(killed, [], run=RESUME), "outputs/*/*/*/stages/00_train/checkpoints/last.ckpt", killed)
-    assert not list(killed.rglob("metrics.json"))
-    again = start(killed, [], run=RESUME)
-    out, _ = again.communicate(timeout=900)
-    assert again.returncode == 0, out
-    assert stage_files(straight) == stage_files(killed)
+    straight, killed = straight_and_killed(tmp_path, RESUME)
     model_a, metrics_a = final_state(straight)
     model_b, metrics_b = final_state(killed)
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
