@@ -25,7 +25,7 @@ The slope is the least-squares fit of log(time) on log(length) over the longer h
 length from which a variant is faster than the fastest exact backend at every longer length.
 
     python benchmarks/attention_scaling.py                  # CPU, 1 thread: 128 .. 4096 tokens, under a minute
-    python benchmarks/attention_scaling.py --device cuda    # GPU, bf16: 256 .. 16384 tokens
+    python benchmarks/attention_scaling.py --device cuda    # GPU, bf16, batch 8: 256 .. 16384 tokens
     python benchmarks/attention_scaling.py --smoke          # tiny, seconds: the code path (tests)
 
 Results: benchmarks/results/attention_scaling_<device>.json, .md and .png (``--out`` elsewhere). Needs
@@ -61,7 +61,7 @@ RESULTS = Path(__file__).parent / "results"
 # shape: batch, heads, head_dim; lengths; the variants' settings
 CPU = dict(batch=1, heads=4, head_dim=32, lengths=[128, 256, 512, 1024, 2048, 4096], window=128, k=64,
            features=64, bucket=64, n_hashes=2, dtype=torch.float32)
-GPU = dict(batch=1, heads=16, head_dim=64, lengths=[256, 512, 1024, 2048, 4096, 8192, 16384], window=256, k=256,
+GPU = dict(batch=8, heads=16, head_dim=64, lengths=[256, 512, 1024, 2048, 4096, 8192, 16384], window=256, k=256,
            features=256, bucket=64, n_hashes=2, dtype=torch.bfloat16)
 SMOKE = dict(batch=1, heads=2, head_dim=16, lengths=[64, 128], window=16, k=16, features=16, bucket=16,
              n_hashes=2, dtype=torch.float32)
@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--max-length", type=int, default=None, help="stop at this length")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per call (default: the device's shape)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one round: the code path (tests)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -311,6 +312,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shape = dict(SMOKE if args.smoke else GPU if device.type == "cuda" else CPU)
     if args.max_length:
         shape["lengths"] = [n for n in shape["lengths"] if n <= args.max_length]
+    if args.batch:
+        shape["batch"] = args.batch
     result = {"device": measure.device_name(device), "device_type": device.type, "torch": torch.__version__,
               "cuda": torch.version.cuda if device.type == "cuda" else None, "python": platform.python_version(),
               "threads": torch.get_num_threads(),
@@ -323,7 +326,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result |= run(shape, device, TIMING["smoke" if args.smoke else "full"])
     result["load_after"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / ("attention_scaling_" + slug(result["device"]) + ("_smoke" if args.smoke else ""))
+    suffix = "_smoke" if args.smoke else f"_batch{args.batch}" if args.batch else ""
+    stem = args.out / ("attention_scaling_" + slug(result["device"]) + suffix)
     result["plot"] = plot(result, stem.with_suffix(".png"))
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
     stem.with_suffix(".md").write_text(markdown(result))

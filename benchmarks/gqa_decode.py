@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/_checkout.py, however this is run
 import structured_bert as sb  # noqa: E402  (use_checkout() runs there: effml from this checkout)
 
-from effml.compressors.gqa import cache_bytes, convert  # noqa: E402
+from effml.compressors.gqa import cache_argument, cache_bytes, convert  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # case: model shape (hidden, layers, heads, ffn, vocab), batch, prompt, new tokens, K/V head counts
@@ -67,12 +67,12 @@ def decode(lm: torch.nn.Module, batch: int, prompt: int, new: int, device: torch
 
     cache = DynamicCache(config=lm.config)
     ids = torch.randint(0, lm.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(device)
-    logits = lm(input_ids=ids, cache=cache, use_cache=True).logits
+    logits = lm(input_ids=ids, use_cache=True, **cache_argument(lm, cache)).logits
     sync(device)
     started = time.perf_counter()
     for _ in range(new):
         token = logits[:, -1:].argmax(-1)
-        logits = lm(input_ids=token, cache=cache, use_cache=True).logits
+        logits = lm(input_ids=token, use_cache=True, **cache_argument(lm, cache)).logits
     sync(device)
     return time.perf_counter() - started, cache_bytes(cache)
 

@@ -28,6 +28,8 @@ in one line).
 
 from __future__ import annotations
 
+import inspect
+
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,9 +144,16 @@ def kv_cache_bytes(model: nn.Module, batch: int = 1, tokens: int = CACHE_TOKENS)
     ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
     was_training = lm.training
     with torch.no_grad():
-        lm.eval()(input_ids=ids, cache=cache, use_cache=True)
+        lm.eval()(input_ids=ids, use_cache=True, **cache_argument(lm, cache))
     lm.train(was_training)
     return cache_bytes(cache)
+
+
+def cache_argument(lm: nn.Module, cache) -> dict:
+    """``cache`` as the keyword this transformers release takes: ``cache`` from 5.2x, ``past_key_values``
+    before (5.17 ignores an unknown ``cache=`` silently and decodes without one)."""
+    accepts = inspect.signature(lm.forward).parameters
+    return {"cache" if "cache" in accepts else "past_key_values": cache}
 
 
 def cache_bytes(cache) -> int:
