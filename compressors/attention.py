@@ -143,11 +143,9 @@ class EfficientAttention(Compressor):
         if self.cfg.window_backend == "flex" and ctx.device.type != "cuda":
             raise EffmlError("compressor.window_backend=flex needs a CUDA device (the locked torch has no "
                              "FlexAttention backward on CPU); use auto or sdpa")
-        ea.register()
         for index, module in enumerate(self.modules):
             # a different draw per layer, the same for the same seed (a rerun, a resume)
-            module.effml_attention = make_variant(self.cfg, module, self.context, seed=ctx.seed * 1000 + index)
-            module.config._attn_implementation = ea.IMPLEMENTATION
+            ea.install(module, make_variant(self.cfg, module, self.context, seed=ctx.seed * 1000 + index))
 
     def report(self) -> dict[str, Any]:
         cfg = self.cfg

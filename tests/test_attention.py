@@ -15,7 +15,7 @@ from effml.compressors.base import RunContext
 from effml.data import DataInfo
 from effml.errors import EffmlError
 from effml.models import efficient_attention as ea
-from effml.models.causal_lm import CausalLM, CausalLMConfig
+from effml.models.causal_lm import CausalLM, CausalLMConfig, load_exported
 from effml.paths import RunDir
 
 TOL = 1e-5  # float32, heads of 16: what the exact variants must match dense attention to
@@ -247,6 +247,27 @@ def test_linformer_parameters_train_and_are_in_the_state_dict():
                                 "lm.model.layers.0.self_attn.effml_attention.F"]
     model(torch.randint(0, 64, (2, 32))).sum().backward()
     assert model.lm.model.layers[0].self_attn.effml_attention.E.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind, fields", [("window", {"window": 8, "dilation": 2, "global_tokens": 2}),
+                                          ("linear", {}), ("performer", {"features": 32}), ("linformer", {"k": 8}),
+                                          ("lsh", {"n_hashes": 2, "bucket_size": 8})])
+def test_an_export_reloads_with_its_attention_variant(tmp_path, kind, fields):
+    """save_pretrained writes attention.json beside the weights; load_exported rebuilds the variant, so the
+    reloaded model computes what the trained one does (not dense attention, Linformer's E and F kept)."""
+    model = tiny_lm()
+    installed(kind, model, **fields)
+    with torch.no_grad():  # trained projections, not the initial draw
+        for name, p in model.named_parameters():
+            if "effml_attention" in name:
+                p.add_(torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "attention.json").is_file()
+    reloaded = CausalLM(load_exported(str(tmp_path), 64)).eval()
+    assert type(reloaded.lm.model.layers[1].self_attn.effml_attention) is type(model.lm.model.layers[1].self_attn.effml_attention)
+    ids = torch.randint(0, 64, (2, 32))
+    assert torch.equal(reloaded(ids), model(ids))
+    assert not torch.allclose(reloaded(ids), tiny_lm()(ids))  # the variant, not dense attention
 
 
 def test_bert_with_a_full_window_and_padding_computes_what_dense_bert_does():

@@ -22,12 +22,14 @@ from torch import Tensor, nn
 
 from effml.data import DataInfo
 from effml.errors import EffmlError
+from effml.models import efficient_attention as ea
 from effml.models._common import check_positive
 from effml.models.switch import SwitchFFN
 from effml.paths import atomic_write_text
 from effml.registry import MODELS
 
 SWITCH_FILE = "switch.json"  # beside an export whose blocks hold Switch layers (compressors/switch_moe.py)
+ATTENTION_FILE = "attention.json"  # beside an export whose attention is a variant (compressors/attention.py)
 
 
 @dataclass
@@ -92,13 +94,18 @@ class CausalLM(nn.Module):
 
     def save_pretrained(self, folder: str | Path, tokenizer=None) -> None:
         """transformers' export (config.json, model.safetensors), plus the tokenizer when given, and
-        ``switch.json`` naming the blocks whose FFN is a Switch layer (``load_exported`` rebuilds them)."""
+        ``switch.json`` naming the blocks whose FFN is a Switch layer and ``attention.json`` those whose attention
+        is an efficient variant (``load_exported`` rebuilds both)."""
         self.lm.save_pretrained(folder, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         experts = {i: switch_options(block.mlp) for i, block in enumerate(self.blocks()) if isinstance(block.mlp, SwitchFFN)}
         if experts:
             atomic_write_text(Path(folder, SWITCH_FILE), json.dumps(experts, indent=1))
+        variants = {i: ea.describe(block.self_attn.effml_attention) for i, block in enumerate(self.blocks())
+                    if hasattr(block.self_attn, "effml_attention")}
+        if variants:
+            atomic_write_text(Path(folder, ATTENTION_FILE), json.dumps(variants, indent=1))
 
 
 def load_exported(folder: str, vocab_size: int) -> nn.Module:
@@ -108,15 +115,18 @@ def load_exported(folder: str, vocab_size: int) -> nn.Module:
     if not Path(folder, "config.json").is_file():
         raise EffmlError(f"model.pretrained={folder} is not a saved language model (no config.json); "
                          "give a finished run's model/ folder")
-    switch = Path(folder, SWITCH_FILE)
-    if switch.is_file():  # Switch layers first, then the weights, all of which then have a place
+    switch, attention = Path(folder, SWITCH_FILE), Path(folder, ATTENTION_FILE)
+    if switch.is_file() or attention.is_file():  # the layers first, then the weights, all of which then have a place
         lm = LlamaForCausalLM(LlamaConfig.from_pretrained(folder, attn_implementation="sdpa"))
-        for i, options in json.loads(switch.read_text()).items():
+        for i, options in (json.loads(switch.read_text()) if switch.is_file() else {}).items():
             block = lm.model.layers[int(i)]
             block.mlp = SwitchFFN.from_dense(block.mlp, upcycle=False, **options)
+        for i, description in (json.loads(attention.read_text()) if attention.is_file() else {}).items():
+            ea.install(lm.model.layers[int(i)].self_attn, ea.rebuild(description))
         missing, unexpected = lm.load_state_dict(load_file(Path(folder, "model.safetensors")), strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:  # the head is tied to the embedding: saved once
-            raise EffmlError(f"{folder} does not fit its {SWITCH_FILE}: {(unexpected or sorted(missing))[0]}")
+            raise EffmlError(f"{folder} does not fit its {SWITCH_FILE} / {ATTENTION_FILE}: "
+                             f"{(unexpected or sorted(missing))[0]}")
         lm.tie_weights()
     else:
         lm = LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa")

@@ -83,6 +83,7 @@ class WindowAttention(nn.Module):
     def __init__(self, window: int, dilation: int = 1, global_tokens: int = 0, backend: str = "auto"):
         super().__init__()
         self.window, self.dilation, self.global_tokens, self.backend = window, dilation, global_tokens, backend
+        self.options = dict(window=window, dilation=dilation, global_tokens=global_tokens, backend=backend)
         self._masks: dict[tuple, object] = {}  # (bucket, causal, device, kind) → mask; not state
 
     def extra_repr(self) -> str:
@@ -198,6 +199,7 @@ def elu_features(x: Tensor) -> Tensor:
 
 class LinearAttention(nn.Module):
     kind = "linear"
+    options: dict = {}  # nothing to rebuild it with
 
     def forward(self, q, k, v, mask, scaling, dropout, causal):
         dtype = q.dtype  # the prefix sums run in float32: bf16 loses them over long sequences
@@ -242,6 +244,7 @@ class PerformerAttention(nn.Module):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.register_buffer("projection", orthogonal_features(features, head_dim, generator))
+        self.options = dict(head_dim=head_dim, features=features, seed=seed)
 
     def extra_repr(self) -> str:
         return f"features={self.projection.shape[0]}"
@@ -264,6 +267,7 @@ class LinformerAttention(nn.Module):
     def __init__(self, context: int, k: int, causal: bool):
         super().__init__()
         self.context, self.k, self.causal = context, k, causal
+        self.options = dict(context=context, k=k, causal=causal)
         bound = 1 / math.sqrt(k)  # uniform ±1/√k, as the reference implementations initialise E and F
         self.E = nn.Parameter(torch.empty(k, context).uniform_(-bound, bound))
         self.F = nn.Parameter(torch.empty(k, context).uniform_(-bound, bound))
@@ -307,6 +311,7 @@ class LSHAttention(nn.Module):
     def __init__(self, head_dim: int, context: int, bucket_size: int, n_hashes: int, seed: int):
         super().__init__()
         self.bucket_size, self.n_hashes = bucket_size, n_hashes
+        self.options = dict(head_dim=head_dim, context=context, bucket_size=bucket_size, n_hashes=n_hashes, seed=seed)
         generator = torch.Generator().manual_seed(seed)
         half = max(1, context // bucket_size // 2)
         self.register_buffer("rotations", torch.randn(n_hashes, head_dim, half, generator=generator))
@@ -416,3 +421,25 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules()
             if hasattr(m, "config") and hasattr(m.config, "_attn_implementation") and hasattr(m, "is_causal")
             and type(m).__name__.endswith("Attention")]
+
+
+def install(module: nn.Module, variant: nn.Module) -> None:
+    """Make ``module`` (one of ``attention_modules``) compute ``variant`` instead of dense attention."""
+    register()
+    module.effml_attention = variant
+    module.config._attn_implementation = IMPLEMENTATION
+
+
+def describe(variant: nn.Module) -> dict:
+    """What ``rebuild`` needs to make ``variant`` again, as JSON (its parameters and buffers travel with the
+    model's weights: an export writes this beside them, so a reload computes the same attention)."""
+    return {"kind": variant.kind, **variant.options}
+
+
+def rebuild(description: dict) -> nn.Module:
+    options = dict(description)
+    return VARIANTS[options.pop("kind")](**options)
+
+
+VARIANTS = {cls.kind: cls for cls in (WindowAttention, LinearAttention, PerformerAttention, LinformerAttention,
+                                      LSHAttention)}
