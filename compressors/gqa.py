@@ -29,7 +29,6 @@ in one line).
 from __future__ import annotations
 
 import inspect
-
 import math
 from dataclasses import dataclass, field
 from typing import Any
