@@ -35,6 +35,7 @@ decisions, with both timings at that batch and at one example, go to ``kernel_de
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -231,6 +232,7 @@ class ActSparsity(Compressor):
     def finalize(self, model: nn.Module, hardware) -> nn.Module:
         self.measure_sparsity()
         self.kernel_decisions = [d.as_dict() for d in self.choose_kernels(hardware)]
+        self.ffn_speedups = ffn_speedups(self.kernel_decisions)
         return model
 
     def target_sparsity(self) -> float | None:
@@ -246,6 +248,9 @@ class ActSparsity(Compressor):
             "sparsity": self.measured,  # per site: fraction of exact zeros on validation data, real tokens
             "mean_sparsity": sum(values) / len(values) if values else 0.0,
             "measured_on": f"{self.cfg.measure_examples} validation examples",
+            # dense FFN time / FFN time with the gather kernel, geometric mean over the FFNs, measured
+            # before the choice (whether or not the kernel was kept): at one example and at measure.batch_size
+            **getattr(self, "ffn_speedups", {}),
         }
 
     # -- mechanics ----------------------------------------------------------------------------
@@ -291,11 +296,26 @@ class ActSparsity(Compressor):
         return {site: reader for site, reader in found.items()
                 if isinstance(self.model.get_submodule(reader), nn.Linear)}
 
-    def reader_inputs(self, readers: dict[str, str], n: int) -> dict[str, Tensor]:
-        """The real input of each reader on the first n validation examples (one batch)."""
+    def producers(self, readers: dict[str, str]) -> dict[str, str]:
+        """What runs in each FFN before its reader: a BERT FFN's ``intermediate`` (up-projection and the
+        activation), or the Linear before the activation in a Sequential."""
+        found = {}
+        for site in readers:
+            parent, _, child = site.rpartition(".")
+            if not child.isdigit():
+                found[site] = parent
+                continue
+            before = list(self.model.get_submodule(parent).named_children())[: int(child)]
+            previous = next((name for name, m in reversed(before) if isinstance(m, nn.Linear)), None)
+            if previous is not None:
+                found[site] = f"{parent}.{previous}"
+        return found
+
+    def module_inputs(self, paths: list[str], n: int) -> dict[str, Tensor]:
+        """The real input of each module at ``paths`` on the first n validation examples (one batch)."""
         inputs: dict[str, Tensor] = {}
-        handles = [self.model.get_submodule(reader).register_forward_pre_hook(
-            lambda module, args, reader=reader: inputs.setdefault(reader, args[0].detach())) for reader in readers.values()]
+        handles = [self.model.get_submodule(path).register_forward_pre_hook(
+            lambda module, args, path=path: inputs.setdefault(path, args[0].detach())) for path in paths]
         was_training = self.model.training
         self.model.eval()
         try:
@@ -313,15 +333,20 @@ class ActSparsity(Compressor):
         if not readers or selection == "off":
             return [Decision(r, "dense", "hardware.selection=off", "") for r in readers.values()]
         margin = getattr(hardware, "selection_margin", 1.05)
-        batch = self.reader_inputs(readers, self.measure_batch)
-        one = self.reader_inputs(readers, 1)
+        producers = self.producers(readers)
+        paths = [*readers.values(), *producers.values()]
+        batch, one = self.module_inputs(paths, self.measure_batch), self.module_inputs(paths, 1)
         decisions = []
-        for reader in readers.values():
+        for site, reader in readers.items():
             dense = self.model.get_submodule(reader)
             gather = GatherLinear(dense)
             x = batch[reader]
             timings = {"dense": time_ms(dense, x), "gather": time_ms(gather, x),
                        "dense_batch1": time_ms(dense, one[reader]), "gather_batch1": time_ms(gather, one[reader])}
+            if site in producers:  # the rest of the FFN, the same in both: the speedup of the whole FFN
+                producer = self.model.get_submodule(producers[site])
+                timings |= {"up": time_ms(producer, batch[producers[site]]),
+                            "up_batch1": time_ms(producer, one[producers[site]])}
             speedup = timings["dense"] / timings["gather"]
             keep = selection == "force" or speedup >= margin
             reason = ("hardware.selection=force" if selection == "force" else
@@ -356,3 +381,15 @@ class ActSparsity(Compressor):
             for site in self.sites.values():
                 site.measuring = False
         self.measured = {path: round(site.zeros / max(site.count, 1), 6) for path, site in self.sites.items()}
+
+
+def ffn_speedups(decisions: list[dict]) -> dict[str, float]:
+    """``ffn_speedup_batch1`` and ``ffn_speedup``: (up + dense down) / (up + gathered down), the geometric
+    mean over the FFNs whose up-projection was timed too."""
+    out = {}
+    for suffix in ("_batch1", ""):
+        ratios = [(t[f"up{suffix}"] + t[f"dense{suffix}"]) / (t[f"up{suffix}"] + t[f"gather{suffix}"])
+                  for t in (d.get("timings_ms") or {} for d in decisions) if f"up{suffix}" in t]
+        if ratios:
+            out[f"ffn_speedup{suffix}"] = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    return out

@@ -148,6 +148,23 @@ def test_above_compares_with_a_fixed_bar(tmp_path, value, passed):
     assert result.passed is passed and result.ours == pytest.approx(88.1)
 
 
+@pytest.mark.parametrize("value, passed", [(50.0, True), (55.0, False)])
+def test_above_on_an_also_quantity_reads_that_quantity(tmp_path, value, passed):
+    """The sparsity measured in the same runs as the accuracy: ``quantity`` names one of ``also``."""
+    table = {**GAP_TABLE, "also": [{"key": "sparsity", "label": "sparsity (%)", "scale": 100}]}
+    cells = tables.aggregate(Point("skeptical", seed, None, 88.0, (("sparsity", s),))
+                             for seed, s in enumerate([52.0, 54.0]))
+    result = claim(tmp_path, table, cells, kind="above", series="skeptical", quantity="sparsity", value=value)
+    assert result.passed is passed and result.ours == pytest.approx(53.0), result.detail
+    assert "skeptical's sparsity (%) best 53.00" in result.detail
+    no_quantity = claim(tmp_path, table, cells_of(GAP_CELLS), kind="above", series="skeptical", quantity="sparsity",
+                        value=1)
+    assert not no_quantity.passed and "no result for skeptical" in no_quantity.detail
+    with pytest.raises(EffmlError, match="quantity 'speed' is not one of the table's also keys"):
+        spec_of(tmp_path, table, claims=[{"name": "c", "kind": "above", "series": "nasty", "quantity": "speed",
+                                          "value": 1}])
+
+
 @pytest.mark.parametrize("max_ratio, passed", [(1.0, True), (0.1, False)])
 def test_steadier_compares_the_spread_over_seeds(tmp_path, max_ratio, passed):
     """Switch Transformers' Table 3 as a claim: std over seeds of one series against another's."""

@@ -65,20 +65,27 @@ class ExceedsClaim(RangedClaim):
 
 
 @dataclass
-class AboveClaim(RangedClaim):
-    """Some cell of ``series`` in the x range has a mean >= ``value``, a fixed bar (chance level)."""
+class FixedBarClaim(RangedClaim):
+    """A claim against a fixed ``value``, on y or, with ``quantity``, on one of the table's ``also`` keys
+    (the sparsity or the speed measured in the same runs as the accuracy)."""
 
-    kind: ClassVar[str] = "above"
     value: float | None = None
+    quantity: str | None = None
 
 
 @dataclass
-class BelowClaim(RangedClaim):
+class AboveClaim(FixedBarClaim):
+    """Some cell of ``series`` in the x range has a mean >= ``value``, a fixed bar (chance level)."""
+
+    kind: ClassVar[str] = "above"
+
+
+@dataclass
+class BelowClaim(FixedBarClaim):
     """Every cell of ``series`` in the x range has a mean <= ``value``, a fixed ceiling (no loss spikes:
     ``value: 0`` on a count)."""
 
     kind: ClassVar[str] = "below"
-    value: float | None = None
 
 
 @dataclass
@@ -163,11 +170,20 @@ def exceeds_problem(claim: ExceedsClaim, spec: TableSpec) -> str | None:
 
 
 def above_problem(claim: AboveClaim, spec: TableSpec) -> str | None:
-    return None if claim.value is not None else "above needs a value (the bar, in table units)"
+    return bar_problem(claim, spec, "the bar")
 
 
 def below_problem(claim: BelowClaim, spec: TableSpec) -> str | None:
-    return None if claim.value is not None else "below needs a value (the ceiling, in table units)"
+    return bar_problem(claim, spec, "the ceiling")
+
+
+def bar_problem(claim: FixedBarClaim, spec: TableSpec, what: str) -> str | None:
+    if claim.value is None:
+        return f"{claim.kind} needs a value ({what}, in table units)"
+    keys = [axis.key for axis in spec.also]
+    if claim.quantity is not None and claim.quantity not in keys:
+        return f"quantity '{claim.quantity}' is not one of the table's also keys ({', '.join(keys) or 'none'})"
+    return None
 
 
 def recovers_problem(claim: RecoversClaim, spec: TableSpec) -> str | None:
@@ -301,13 +317,17 @@ def check_below(claim: BelowClaim, spec: TableSpec, cells: Cells) -> ClaimResult
 def _highest_cell_against(claim: AboveClaim | BelowClaim, spec: TableSpec, cells: Cells, word: str, sign: str,
                           passes) -> ClaimResult:
     """The series' highest cell within the x range, held against the claim's fixed ``value``."""
-    candidates = in_range(cells, claim.series, claim.min_x, claim.max_x)
-    if not candidates:
+    axis = next((a for a in spec.also if a.key == claim.quantity), spec.y)
+    valued = [(c, c.mean if claim.quantity is None else c.also[claim.quantity][0])
+              for c in in_range(cells, claim.series, claim.min_x, claim.max_x)
+              if claim.quantity is None or claim.quantity in c.also]
+    if not valued:
         return ClaimResult(claim.name, claim.kind, False, None, claim.value,
                            f"no result for {claim.series}{_range(claim)}")
-    highest = max(candidates, key=lambda c: c.mean)
-    detail = f"{claim.series} {word} {_fmt(highest.mean, spec.y.decimals)}{_at(highest)}; needs {sign} {claim.value:g}"
-    return ClaimResult(claim.name, claim.kind, passes(highest.mean), highest.mean, claim.value, detail)
+    highest, value = max(valued, key=lambda pair: pair[1])
+    what = claim.series if claim.quantity is None else f"{claim.series}'s {axis.label or axis.key}"
+    detail = f"{what} {word} {_fmt(value, axis.decimals)}{_at(highest)}; needs {sign} {claim.value:g}"
+    return ClaimResult(claim.name, claim.kind, passes(value), value, claim.value, detail)
 
 
 def check_recovers(claim: RecoversClaim, spec: TableSpec, cells: Cells) -> ClaimResult:
