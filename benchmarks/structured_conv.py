@@ -47,7 +47,8 @@ def shrunk(model: torch.nn.Module, inputs: dict, keep_fraction: float, multiple:
     return cs.remove_channels(model, inputs, keep, multiple, plan=plan)
 
 
-def run(cases: list[str], fractions: list[float], multiples: list[int], batch: int, iters: int) -> list[dict]:
+def run(cases: list[str], fractions: list[float], multiples: list[int], batch: int, iters: int,
+        device: str = "cpu") -> list[dict]:
     rows = []
     for case in cases:
         build, shape = CASES[case]
@@ -58,7 +59,7 @@ def run(cases: list[str], fractions: list[float], multiples: list[int], batch: i
         for fraction in fractions:
             for multiple in multiples:
                 small, widths = shrunk(dense, inputs, fraction, multiple)
-                result = measure.compare_dense_compressed(dense, small.eval(), inputs, "cpu", labels=labels,
+                result = measure.compare_dense_compressed(dense, small.eval(), inputs, device, labels=labels,
                                                           iters=iters)
                 after = sum(w["after"] for w in widths.values()) / sum(w["before"] for w in widths.values())
                 rows.append({"model": case, "keep": fraction, "multiple": multiple, "batch": batch,
@@ -89,15 +90,16 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.75, 0.5, 0.25])
     parser.add_argument("--multiples", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--quick", action="store_true", help="one tiny case: the code path, not a measurement")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     cases = ["resnet8_tiny"] if args.quick else ["resnet20_fmnist", "resnet20_cifar", "conv4_cifar"]
     fractions, iters = ([0.5], 2) if args.quick else (args.fractions, args.iters)
-    rows = run(cases, fractions, args.multiples, 8 if args.quick else args.batch, iters)
-    device = measure.device_name("cpu")
+    rows = run(cases, fractions, args.multiples, 8 if args.quick else args.batch, iters, args.device)
+    device = measure.device_name(torch.device(args.device))
     header = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads()}
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
+    slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_") + (f"_batch{args.batch}" if args.device != "cpu" else "")
     (args.out / f"structured_conv_{slug}.json").write_text(json.dumps({**header, "rows": rows}, indent=2, default=str))
     (args.out / f"structured_conv_{slug}.md").write_text(markdown(rows, header))
     print(f"results: {args.out / f'structured_conv_{slug}.md'}")
