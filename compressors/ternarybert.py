@@ -5,10 +5,10 @@ Zhang, Hou, Yin, Shang, Chen, Jiang, Liu, "TernaryBERT: Distillation-aware Ultra
 replaced in the forward pass by ŵ = α·b, b ∈ {−1, 0, +1}, with one α per layer or per row (§3.1):
 
 - ``twn`` (Li & Liu 2016, the paper's approximation-based ternarization): b = I(w > Δ) − I(w < −Δ),
-  Δ = 0.7 · mean|w|, α = mean of |w| over the kept entries (eq. 4-5);
+  Δ = 0.7 · mean|w|, α = mean of |w| over the kept entries;
 - ``lat`` (Hou & Kwok 2018, loss-aware): the same form, but α and b minimize the second-order
   approximation of the loss, ‖w − αb‖²_D with D = diag(√v̂ + ε) from Adam's second moment:
-  α = ‖b ⊙ d ⊙ w‖₁ / ‖b ⊙ d‖₁ and b = I(|w| > α/2)·sign(w), alternated from TWN's solution (eq. 6).
+  α = ‖b ⊙ d ⊙ w‖₁ / ‖b ⊙ d‖₁ and b = I(|w| > α/2)·sign(w), alternated from TWN's solution.
   So LAT keeps the weights whose *curvature* is high at their own magnitude, and its threshold is α/2,
   not 0.7·mean|w|.
 
@@ -133,7 +133,7 @@ def twn(w: Tensor, rowwise: bool, threshold: float = 0.7) -> tuple[Tensor, Tenso
 
 
 def lat(w: Tensor, d: Tensor, rowwise: bool, threshold: float = 0.7, iterations: int = 2) -> tuple[Tensor, Tensor]:
-    """LAT's (b, α) under the diagonal curvature d (eq. 6): alternate α = Σ b·d·|w| / Σ b·d and
+    """LAT's (b, α) under the diagonal curvature d (§3.1): alternate α = Σ b·d·|w| / Σ b·d and
     b = I(|w| > α/2), starting from TWN's b."""
     rows, weight = _rows(w.detach().float(), rowwise), _rows(d.detach().float(), rowwise)
     kept = rows.abs() > threshold * rows.abs().mean(1, keepdim=True)

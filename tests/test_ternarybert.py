@@ -82,7 +82,7 @@ def test_lat_thresholds_at_half_alpha_and_weights_alpha_by_the_curvature():
     assert torch.equal(codes, (torch.sign(w) * kept).to(torch.int8))
     assert not torch.equal(codes, codes_twn)
     torch.testing.assert_close(alpha, w.abs()[kept].mean())
-    # high curvature on the large weights pulls α towards their magnitude (eq. 6: a d-weighted mean)
+    # high curvature on the large weights pulls α towards their magnitude (a d-weighted mean)
     d = torch.where(w.abs() > 1.5, 100.0, 1.0)
     _, alpha_curved = lat(w, d, rowwise=False, iterations=1)
     assert alpha_curved > alpha
