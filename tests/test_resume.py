@@ -96,6 +96,15 @@ TOKEN_SCHEDULE_RUN = ["train", *SETUPS["lm"], "data.train_subset=256", "trainer.
                       "compressor.ramp_steps=64", "+compressor@compose.seqlen_warmup=seqlen_warmup",
                       "compose.seqlen_warmup.warmup_steps=40"]
 
+# TernaryBERT with LAT on the tiny BERT, killed after the first of 4 epochs of its distillation stage: the
+# curvature buffers (Adam's √v̂, refreshed after every step) and the optimizer state come back from
+# last.ckpt, the in-run teacher from the finished teacher stage's end.pt.
+TERNARY_RUN = ["train", *SETUPS["bert"], "compressor=ternarybert", "compressor.method=lat",
+               "trainer.optimizer=adamw", "trainer.max_epochs=4", "trainer.progress_bar=off",
+               "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "measure.enabled=false",
+               "compressor.teacher={source:stage,epochs:1,model:{name:bert,pretrained:null,hf_config:"
+               "{hidden_size:32,num_hidden_layers:2,num_attention_heads:4,intermediate_size:64}}}"]
+
 
 @pytest.mark.e2e
 @pytest.mark.parametrize(
@@ -108,8 +117,10 @@ TOKEN_SCHEDULE_RUN = ["train", *SETUPS["lm"], "data.train_subset=256", "trainer.
         # mid token schedule; slow: three LM runs took 66 s on the shared 2-core machine (make test-slow)
         pytest.param(TOKEN_SCHEDULE_RUN, [], "outputs/*/*/*/stages/00_train/checkpoints/last.ckpt",
                      marks=pytest.mark.slow),
+        pytest.param(TERNARY_RUN, [], "outputs/*/*/*/stages/01_train/checkpoints/last.ckpt",
+                     marks=pytest.mark.slow),  # mid distillation, LAT's curvature moving
     ],
-    ids=["gradual", "oneshot", "token_schedules"],
+    ids=["gradual", "oneshot", "token_schedules", "ternarybert_lat"],
 )
 def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path, run, extra, marker):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -127,13 +138,16 @@ def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path, run, extra, m
     assert stage_files(straight) == stage_files(killed)  # byte for byte: sha256 sums agree
     assert stage_logs(straight) == stage_logs(killed)  # the whole curve, though the run restarted
     masks = [k for k in model_a if k.endswith("weight_mask")]
-    assert masks or run is TOKEN_SCHEDULE_RUN
+    assert masks or run in (TOKEN_SCHEDULE_RUN, TERNARY_RUN)
     assert all(torch.equal(model_a[k], model_b[k]) for k in masks)
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)  # every weight, bit for bit
     for key in ("test_acc", "val_acc", "test_ppl", "val_loss", "sparsity", "compressors", "train_loss_spikes"):
         assert metrics_a.get(key) == metrics_b.get(key), key
     assert [s["steps"] for s in metrics_a["stages"]] == [s["steps"] for s in metrics_b["stages"]]
     assert [s["train_losses"] for s in metrics_a["stages"]] == [s["train_losses"] for s in metrics_b["stages"]]
+    if run is TERNARY_RUN:  # LAT's curvature came from Adam, and matches bit for bit
+        curvature = [k for k in model_a if k.endswith("weight_quantizer.curvature")]
+        assert curvature and not torch.equal(model_a[curvature[0]], torch.ones_like(model_a[curvature[0]]))
     if run is TOKEN_SCHEDULE_RUN:  # the schedules really were mid-way: tokens dropped, sequences short
         assert metrics_a["compressors"]["random_ltd"]["layer_tokens_saved_pct"] > 0
         assert metrics_a["compressors"]["seqlen_warmup"]["tokens_saved_pct"] > 0
