@@ -223,6 +223,8 @@ class SparseCocktail(Compressor):
         index = int(stage.key.removeprefix("round_"))
         self.round = index
         self._generate_masks(index)  # from the weights the previous stage ended with (UMG)
+        for key in self.keeps:  # sliced here, on the CPU model: the steps only copy them into place
+            self._slices(key)
         if self.cfg.rewind and self.rewind_weights is not None:
             restore(self.model, self.rewind_weights, {})
         self.use(DENSE)  # refresh the hooks' products after the rewind
