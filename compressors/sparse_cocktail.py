@@ -41,6 +41,7 @@ extraction rather than kept per subnetwork; the interpolation's α grid is ``alp
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -172,7 +173,7 @@ class SparseCocktail(Compressor):
         self.keeps: dict[str, dict[str, Tensor]] = {}  # channel subnet key → {group: bool per channel}
         self.rewind_weights: dict[str, Tensor] | None = None
         self.round_weights: list[dict[str, Tensor]] = []
-        self.cost: list[dict[str, Any]] = []  # per finished stage: steps, seconds
+        self.cost: list[dict[str, Any]] = []  # per stage of ours: steps, seconds (from the records, in finalize)
         self.active: str = DENSE  # the subnetwork the current step trains
         self.round: int | None = None  # the co-training round in progress
         self._channel_slices: dict[str, dict[tuple[str, str], Tensor]] = {}  # derived from keeps, cached
@@ -252,7 +253,6 @@ class SparseCocktail(Compressor):
     def end_stage(self, stage: Stage, record: dict) -> dict | None:
         if stage.owner != self.name:
             return None
-        self.cost.append({"stage": stage.key, "steps": record["steps"], "time_s": record["time_s"]})
         if stage.key == DENSE:
             self.rewind_weights = snapshot(self.model)
         else:
@@ -261,16 +261,18 @@ class SparseCocktail(Compressor):
                                     if stage.key == f"round_{i:02d}"]}
 
     def state_dict(self) -> dict:
+        # no wall-clock times here: a resumed run's end.pt must be byte-identical (the cost is read
+        # from the stages' records in finalize)
         return {"masks": self.masks, "keeps": self.keeps, "rewind_weights": self.rewind_weights,
-                "round_weights": self.round_weights, "cost": self.cost}
+                "round_weights": self.round_weights}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.masks, self.keeps = state_dict["masks"], state_dict["keeps"]
         self.rewind_weights, self.round_weights = state_dict["rewind_weights"], state_dict["round_weights"]
-        self.cost = state_dict["cost"]
 
     def finalize(self, model: nn.Module, hardware) -> nn.Module:
         start = time.perf_counter()
+        self.cost = self._stage_costs()
         self.round = None
         merged = self._interpolate()
         restore(self.model, merged, {})
@@ -459,6 +461,15 @@ class SparseCocktail(Compressor):
             return None
         kept = sum(int(k.sum()) for k in self.keeps[key].values())
         return round(kept / sum(k.numel() for k in self.keeps[key].values()), 6)
+
+    def _stage_costs(self) -> list[dict[str, Any]]:
+        """Steps and seconds of each of our stages, from its ``record.json`` (a resumed stage's time
+        includes the time before the kill, ``effml.checkpoints.ResumeState``)."""
+        if self.ctx is None:
+            return []
+        records = [json.loads(s.record.read_text()) for s in self.ctx.run_dir.finished_stages()]
+        return [{"stage": r["name"], "steps": r["steps"], "time_s": r["time_s"]} for r in records
+                if r.get("owner") == self.name]
 
     def _recalibration_batches(self) -> list[dict[str, Tensor]]:
         """The first training batches of epoch 0's seeded order: the same in a resumed run."""
