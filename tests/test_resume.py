@@ -122,7 +122,9 @@ def untimed(value):
         # mid token schedule; slow: three LM runs took 66 s on the shared 2-core machine (make test-slow)
         pytest.param(TOKEN_SCHEDULE_RUN, [], "outputs/*/*/*/stages/00_train/checkpoints/last.ckpt",
                      marks=pytest.mark.slow),
-        (COCKTAIL_RUN, [], "outputs/*/*/*/stages/02_round_01/checkpoints/last.ckpt"),
+        # mid co-training round; slow: two runs and a rerun took 71 s on the shared 2-core machine
+        pytest.param(COCKTAIL_RUN, [], "outputs/*/*/*/stages/02_round_01/checkpoints/last.ckpt",
+                     marks=pytest.mark.slow),
     ],
     ids=["gradual", "oneshot", "token_schedules", "sparse_cocktail"],
 )

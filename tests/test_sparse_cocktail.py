@@ -105,6 +105,20 @@ def test_dense_pivot_alternates_with_the_round_subnetworks():
     assert c.active == "channel_25"
 
 
+@pytest.mark.parametrize("cfg, message", [
+    ({"nm_ratios": [0.5, 1.0]}, "compressor.nm_ratios must be ratios in (0, 1)"),
+    ({"alphas": [1.5]}, "compressor.alphas must be weights in [0, 1]"),
+    ({"round_epochs": 0}, "compressor.round_epochs must be >= 1"),
+    ({"patterns": ["channel"], "channel_ratios": [0.5, 0.4]}, "compressor.channel_ratios must be increasing"),
+])
+def test_config_refuses_bad_values_naming_the_field(cfg, message):
+    from effml.errors import EffmlError
+
+    with pytest.raises(EffmlError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        SparseCocktailConfig(**(RATIOS | cfg))
+    SparseCocktailConfig(**(RATIOS | {"patterns": ["unstructured"], "channel_ratios": [0.5, 0.4]}))  # unused: ignored
+
+
 def test_interpolation_mixes_floats_and_keeps_counts():
     a = {"w": torch.ones(2), "n": torch.tensor(3)}
     b = {"w": torch.zeros(2), "n": torch.tensor(5)}
@@ -117,11 +131,8 @@ def test_interpolation_mixes_floats_and_keeps_counts():
 @pytest.mark.parametrize("override, message", [
     ("compressor.channel_ratios=[0.5,0.25]", "compressor.channel_ratios must be increasing"),
     ("compressor.unstructured_ratios=[0.5,0.5]", "compressor.unstructured_ratios must be increasing"),
-    ("compressor.nm_ratios=[0.5,1.0]", "compressor.nm_ratios must be ratios in (0, 1)"),
     ("compressor.nm_ratios=[0.3]", "compressor.nm_ratios: 0.3 is not 1 - N/4"),
     ("compressor.patterns=[unstructured,blocks]", "compressor.patterns must be distinct names"),
-    ("compressor.alphas=[1.5]", "compressor.alphas must be weights in [0, 1]"),
-    ("compressor.round_epochs=0", "compressor.round_epochs must be >= 1"),
 ])
 def test_bad_input_is_one_line(effml, tmp_path, override, message):
     code, _, err = effml("train", "recipe=sparse_cocktail_resnet", override)
