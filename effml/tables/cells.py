@@ -55,12 +55,15 @@ def grouping_x(value: float) -> float:
 
 def read_points(spec: TableSpec, series: str, seed: int, metrics: Mapping[str, Any]) -> list[Point]:
     """The points one run contributes, in table units; ValueError says what the run lacks."""
+    where = next((s.points for s in spec.series if s.key == series and s.points), None) or spec.points
     try:
-        raw = lookup(metrics, spec.points) if spec.points else [metrics]
+        raw = lookup(metrics, where) if where else [metrics]
     except KeyError:
-        raise ValueError(f"metrics.json has no '{spec.points}'") from None
+        raise ValueError(f"metrics.json has no '{where}'") from None
+    if isinstance(raw, Mapping):  # a series' own path may name one point
+        raw = [raw]
     if not isinstance(raw, list):
-        raise ValueError(f"'{spec.points}' in metrics.json is not a list")
+        raise ValueError(f"'{where}' in metrics.json is not a list")
     points = []
     for item in raw:
         try:

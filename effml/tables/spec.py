@@ -38,6 +38,9 @@ class Series:
     # Runs other series start from (the dense model they load by recipe), run first and not drawn:
     # they contribute no points, so their metrics need not have the table's x or points.
     prerequisite: bool = False
+    # Where this series' runs keep their point(s), instead of the table's ``points``: one run measuring
+    # several models (Sparse Cocktail's subnetworks), each a series of its own. A mapping is one point.
+    points: str | None = None
 
 
 @dataclass
