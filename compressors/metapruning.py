@@ -24,8 +24,9 @@ Channel Pruning" (ICCV 2019, arXiv 1903.10258), and the official code (liuzechun
 FLOPs; issue 22): a candidate is kept when its measured inference latency is at most
 ``latency_target`` of the dense model's, both timed on the run's device (the hardware target: a CPU
 run times the CPU, a GPU run the GPU), the candidate cut out physically (widths rounded to the
-hardware's ``channel_multiple``, as it would deploy) and timed interleaved with the dense model, so
-the ratio sees the same load. Each structure is measured once: the measurements are cached per
+hardware's ``channel_multiple``, as it would deploy) and timed interleaved with the dense model at
+the run's ``measure.batch_size`` (``latency_batch``), so the ratio sees the same load; each model's
+fastest of ``latency_iters`` rounds counts (the round least disturbed by other load). Each structure is measured once: the measurements are cached per
 structure and appended to ``latency_cache.jsonl`` in the run directory, so a search killed midway
 re-makes the same decisions from the same seed. The report says which constraint ruled and gives
 the measured latency of the found structure, of the uniform baseline under the same constraint and
@@ -81,8 +82,8 @@ class MetaPruningConfig(CompressorConfig):
     constraint: Constraint = Constraint.flops
     flops_target: float = 0.5  # of the dense model's FLOPs (constraint=flops)
     latency_target: float = 0.6  # of the dense model's measured latency (constraint=latency)
-    latency_batch: int = 64  # batch size of the latency measurements
-    latency_iters: int = 10  # timed rounds per measurement (dense and candidate interleaved)
+    latency_batch: int | None = None  # batch size of the latency measurements; None: the run's measure.batch_size
+    latency_iters: int = 20  # timed rounds per measurement (dense and candidate interleaved)
     min_ratio: float = 0.1  # width choices per group: min_ratio, min_ratio + ratio_step, ..., 1
     ratio_step: float = 0.1
     hidden: int = 32  # the meta blocks' hidden width (official: 32)
@@ -108,15 +109,14 @@ class MetaPruningConfig(CompressorConfig):
             raise EffmlError(f"compressor.min_ratio must be in (0, 1]; got {self.min_ratio}")
         if not 0 < self.ratio_step <= 1:
             raise EffmlError(f"compressor.ratio_step must be in (0, 1]; got {self.ratio_step}")
-        for name in ("hidden", "population", "parents", "iterations", "recalibration_batches", "latency_batch",
-                     "latency_iters"):
+        for name in ("hidden", "population", "parents", "iterations", "recalibration_batches", "latency_iters"):
             if getattr(self, name) < 1:
                 raise EffmlError(f"compressor.{name} must be >= 1; got {getattr(self, name)}")
         if self.parents > self.population:
             raise EffmlError(f"compressor.parents ({self.parents}) must be <= compressor.population ({self.population})")
         if not 0 <= self.mutation_prob <= 1:
             raise EffmlError(f"compressor.mutation_prob must be in [0, 1]; got {self.mutation_prob}")
-        for name in ("pruningnet_epochs", "retrain_epochs"):
+        for name in ("pruningnet_epochs", "retrain_epochs", "latency_batch"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise EffmlError(f"compressor.{name} must be >= 1; got {getattr(self, name)}")
 
@@ -237,7 +237,7 @@ class MetaPruning(Compressor):
                              f"{self.flops_fraction(smallest):.3f} of the FLOPs")
         if self.cfg.constraint == "latency":
             self.device, self.multiple = ctx.device, ctx.hardware.channel_multiple
-            self.latency_inputs = datamodule.example_inputs(self.cfg.latency_batch)
+            self.latency_inputs = datamodule.example_inputs(self.latency_batch(ctx))
             self.skeleton = self._skeleton()
             reachable = self.latency_fraction(smallest)
             self.latencies = {}  # the search measures afresh (and caches to its file): a resume re-reads those
@@ -291,7 +291,7 @@ class MetaPruning(Compressor):
             "search": self.cfg.search,
             "constraint": self.cfg.constraint,  # the budget that ruled the search
             "latency_target": self.cfg.latency_target if self.cfg.constraint == "latency" else None,
-            "flops_target": self.cfg.flops_target,
+            "flops_target": self.cfg.flops_target if self.cfg.constraint == "flops" else None,
             "flops_fraction": round(self.flops_fraction(self.found), 6) if self.found else None,
             "structure": self.found,
             "channels_kept": round(sum(w["kept"] for w in self.widths.values()) / before, 6) if before else None,
@@ -310,6 +310,9 @@ class MetaPruning(Compressor):
 
     def _slices(self, widths: dict[str, int]) -> dict[tuple[str, str], Tensor]:
         return cs.slice_masks(self.plan, self._keep(widths), self.model)
+
+    def latency_batch(self, ctx: RunContext) -> int:
+        return self.cfg.latency_batch or getattr(ctx.measure, "batch_size", 64)
 
     def fits(self, widths: dict[str, int]) -> bool:
         """Within the budget of the constraint that rules: counted FLOPs or measured latency."""
@@ -482,7 +485,8 @@ class MetaPruning(Compressor):
                                            output_layer=self.cfg.output_layer, plan=self.plan)
             timed = compare_models({"dense": self.skeleton, "structure": shrunk}, self.latency_inputs, self.device,
                                    warmup=2, iters=self.cfg.latency_iters, min_time_s=0.0)
-            dense, ms = timed["dense"]["latency_ms"], timed["structure"]["latency_ms"]
+            # the fastest round: the one least disturbed by other load on a shared machine
+            dense, ms = timed["dense"]["latency_min_ms"], timed["structure"]["latency_min_ms"]
             self.latencies[structure] = {"fraction": ms / dense, "ms": ms, "dense_ms": dense}
             if self.latency_file is not None:
                 self.latency_file.write(json.dumps({"structure": structure, **self.latencies[structure]}) + "\n")
@@ -516,15 +520,17 @@ class MetaPruning(Compressor):
                                                  output_layer=self.cfg.output_layer, plan=self.plan)
         timed = compare_models(models, self.latency_inputs, self.device, warmup=3, iters=3 * self.cfg.latency_iters,
                                min_time_s=0.0)
-        ms = {name: timed[name]["latency_ms"] for name in models}
+        ms = {name: timed[name]["latency_min_ms"] for name in models}
+        median = {name: timed[name]["latency_ms"] for name in models}
         return {
             "device": timed["dense"]["device_name"],
-            "batch_size": self.cfg.latency_batch,
-            "dense_ms": round(ms["dense"], 4),
+            "batch_size": timed["dense"]["batch_size"],
+            "dense_ms": round(ms["dense"], 4),  # fastest round, as the search's measurements
             "found_ms": round(ms["found"], 4),
             "uniform_ms": round(ms["uniform"], 4),
             "found_fraction": round(ms["found"] / ms["dense"], 4),
             "uniform_fraction": round(ms["uniform"] / ms["dense"], 4),
+            "median_ms": {name: round(v, 4) for name, v in median.items()},
             "found_fraction_at_search": round(at_search, 4),
             "uniform_ratio": ratio,
             "uniform_structure": uniform,

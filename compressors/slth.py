@@ -173,7 +173,7 @@ class StructuredTicket(IterativeMagnitudePruning):
     def _run_as_blocks(self, shrunk: nn.Module) -> None:
         """Every pruned conv of the shrunk ticket replaced by its dense blocks (``BlockConv2d``)."""
         dense = {name: shrunk.get_submodule(name).weight.numel() for name in self.layers}
-        for name, blocks in bs.to_blocks(shrunk, list(self.layers)).items():
+        for name in bs.to_blocks(shrunk, list(self.layers)):
             layer = shrunk.get_submodule(name)
             self.blocks[name] = {"shape": [layer.out_channels, layer.in_channels],
                                  "blocks": [list(w.shape[:2]) for w in layer.weights],
