@@ -20,6 +20,18 @@ Channel Pruning" (ICCV 2019, arXiv 1903.10258), and the official code (liuzechun
   other channels (``effml/models/channel_surgery.py``, Torch-Pruning), widths rounded up to the
   hardware's ``channel_multiple``.
 
+**Measured latency as the constraint** (``constraint=latency``; beyond the paper, which constrains
+FLOPs; issue 22): a candidate is kept when its measured inference latency is at most
+``latency_target`` of the dense model's, both timed on the run's device (the hardware target: a CPU
+run times the CPU, a GPU run the GPU), the candidate cut out physically (widths rounded to the
+hardware's ``channel_multiple``, as it would deploy) and timed interleaved with the dense model at
+the run's ``measure.batch_size`` (``latency_batch``), so the ratio sees the same load; each model's
+fastest of ``latency_iters`` rounds counts (the round least disturbed by other load). Each structure is measured once: the measurements are cached per
+structure and appended to ``latency_cache.jsonl`` in the run directory, so a search killed midway
+re-makes the same decisions from the same seed. The report says which constraint ruled and gives
+the measured latency of the found structure, of the uniform baseline under the same constraint and
+of the dense model, timed together at the end of the search.
+
 ``search=uniform`` is the paper's baseline (Table 1, "uniform baseline"): every channel group scaled
 by one ratio, the largest whose FLOPs fit the same budget, trained from scratch the same way.
 
@@ -48,11 +60,13 @@ from effml.choice import check_choices, choice
 from effml.compressors.base import Compressor, CompressorConfig, RunContext, Smoke, Stage
 from effml.compressors.imp import fresh_init, restore
 from effml.errors import EffmlError
+from effml.measure import compare_models
 from effml.models import channel_surgery as cs
 from effml.paths import atomic_file
 from effml.registry import COMPRESSORS
 
 Search = choice("Search", "evolutionary uniform")  # MetaPruning's search, or the uniform-width baseline
+Constraint = choice("Constraint", "flops latency")  # the search's budget: counted FLOPs or measured latency
 LAYERS = (nn.Conv2d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -65,7 +79,11 @@ class MetaPruningConfig(CompressorConfig):
 
     name: str = "metapruning"
     search: Search = Search.evolutionary
-    flops_target: float = 0.5  # of the dense model's FLOPs
+    constraint: Constraint = Constraint.flops
+    flops_target: float = 0.5  # of the dense model's FLOPs (constraint=flops)
+    latency_target: float = 0.6  # of the dense model's measured latency (constraint=latency)
+    latency_batch: int | None = None  # batch size of the latency measurements; None: the run's measure.batch_size
+    latency_iters: int = 20  # timed rounds per measurement (dense and candidate interleaved)
     min_ratio: float = 0.1  # width choices per group: min_ratio, min_ratio + ratio_step, ..., 1
     ratio_step: float = 0.1
     hidden: int = 32  # the meta blocks' hidden width (official: 32)
@@ -85,18 +103,20 @@ class MetaPruningConfig(CompressorConfig):
         check_choices(self, "compressor")
         if not 0 < self.flops_target <= 1:
             raise EffmlError(f"compressor.flops_target must be in (0, 1]; got {self.flops_target}")
+        if not 0 < self.latency_target <= 1:
+            raise EffmlError(f"compressor.latency_target must be in (0, 1]; got {self.latency_target}")
         if not 0 < self.min_ratio <= 1:
             raise EffmlError(f"compressor.min_ratio must be in (0, 1]; got {self.min_ratio}")
         if not 0 < self.ratio_step <= 1:
             raise EffmlError(f"compressor.ratio_step must be in (0, 1]; got {self.ratio_step}")
-        for name in ("hidden", "population", "parents", "iterations", "recalibration_batches"):
+        for name in ("hidden", "population", "parents", "iterations", "recalibration_batches", "latency_iters"):
             if getattr(self, name) < 1:
                 raise EffmlError(f"compressor.{name} must be >= 1; got {getattr(self, name)}")
         if self.parents > self.population:
             raise EffmlError(f"compressor.parents ({self.parents}) must be <= compressor.population ({self.population})")
         if not 0 <= self.mutation_prob <= 1:
             raise EffmlError(f"compressor.mutation_prob must be in [0, 1]; got {self.mutation_prob}")
-        for name in ("pruningnet_epochs", "retrain_epochs"):
+        for name in ("pruningnet_epochs", "retrain_epochs", "latency_batch"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise EffmlError(f"compressor.{name} must be >= 1; got {getattr(self, name)}")
 
@@ -142,7 +162,11 @@ class MetaPruning(Compressor):
     @classmethod
     def effect(cls, name: str, metrics: dict) -> str | None:
         report = metrics["compressors"][name]
-        if not report["flops_fraction"] <= report["flops_target"] + 1e-9:
+        if report["constraint"] == "latency":
+            measured = report["latency"]["found_fraction_at_search"]
+            if not measured <= report["latency_target"] + 1e-9:
+                return f"structure over the latency budget: {measured} > {report['latency_target']}"
+        elif not report["flops_fraction"] <= report["flops_target"] + 1e-9:
             return f"structure over the FLOPs budget: {report['flops_fraction']} > {report['flops_target']}"
         return None if report["channels_after_rounding"] < 1 else "no channel removed"
 
@@ -165,6 +189,12 @@ class MetaPruning(Compressor):
         self.search_log: dict[str, Any] = {}
         self.widths: dict[str, dict[str, int]] = {}
         self.hooks = []
+        self.device = torch.device("cpu")  # constraint=latency: where candidates are timed (the run's)
+        self.multiple = 1  # the hardware's channel multiple: candidates are timed as they would deploy
+        self.skeleton: nn.Module | None = None  # the dense model without PruningNet or masks, for timing
+        self.latency_inputs: dict[str, Tensor] = {}
+        self.latencies: dict[tuple, dict[str, float]] = {}  # structure → its measured latency
+        self.latency_file = None  # the search's latency cache, appended as it measures
 
     # -- contract ---------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
@@ -200,10 +230,21 @@ class MetaPruning(Compressor):
         ratios = self.cfg.ratios()
         self.choices = {g.name: sorted({max(1, round(g.size * r)) for r in ratios}) for g in self.plan.groups}
         self.layer_flops = measured_layer_flops(self.model, self.inputs, self.layers)
-        smallest = self.flops_fraction({g: c[0] for g, c in self.choices.items()})
-        if smallest > self.cfg.flops_target:
+        smallest = {g: c[0] for g, c in self.choices.items()}
+        if self.cfg.constraint == "flops" and self.flops_fraction(smallest) > self.cfg.flops_target:
             raise EffmlError(f"compressor.flops_target={self.cfg.flops_target} cannot be met: the smallest "
-                             f"structure (min_ratio={self.cfg.min_ratio}) keeps {smallest:.3f} of the FLOPs")
+                             f"structure (min_ratio={self.cfg.min_ratio}) keeps "
+                             f"{self.flops_fraction(smallest):.3f} of the FLOPs")
+        if self.cfg.constraint == "latency":
+            self.device, self.multiple = ctx.device, ctx.hardware.channel_multiple
+            self.latency_inputs = datamodule.example_inputs(self.latency_batch(ctx))
+            self.skeleton = self._skeleton()
+            reachable = self.latency_fraction(smallest)
+            self.latencies = {}  # the search measures afresh (and caches to its file): a resume re-reads those
+            if reachable > self.cfg.latency_target:
+                raise EffmlError(f"compressor.latency_target={self.cfg.latency_target} cannot be met: the smallest "
+                                 f"structure (min_ratio={self.cfg.min_ratio}) measures {reachable:.3f} of the "
+                                 f"dense latency on {self.device.type}")
 
     def begin_stage(self, stage: Stage, task) -> None:
         if stage.of(self.name, "pruningnet"):
@@ -248,7 +289,9 @@ class MetaPruning(Compressor):
         before = sum(w["before"] for w in self.widths.values()) or None
         return {
             "search": self.cfg.search,
-            "flops_target": self.cfg.flops_target,
+            "constraint": self.cfg.constraint,  # the budget that ruled the search
+            "latency_target": self.cfg.latency_target if self.cfg.constraint == "latency" else None,
+            "flops_target": self.cfg.flops_target if self.cfg.constraint == "flops" else None,
             "flops_fraction": round(self.flops_fraction(self.found), 6) if self.found else None,
             "structure": self.found,
             "channels_kept": round(sum(w["kept"] for w in self.widths.values()) / before, 6) if before else None,
@@ -267,6 +310,15 @@ class MetaPruning(Compressor):
 
     def _slices(self, widths: dict[str, int]) -> dict[tuple[str, str], Tensor]:
         return cs.slice_masks(self.plan, self._keep(widths), self.model)
+
+    def latency_batch(self, ctx: RunContext) -> int:
+        return self.cfg.latency_batch or getattr(ctx.measure, "batch_size", 64)
+
+    def fits(self, widths: dict[str, int]) -> bool:
+        """Within the budget of the constraint that rules: counted FLOPs or measured latency."""
+        if self.cfg.constraint == "latency":
+            return self.latency_fraction(widths) <= self.cfg.latency_target
+        return self.flops_fraction(widths) <= self.cfg.flops_target
 
     def flops_fraction(self, widths: dict[str, int]) -> float:
         masks = self._slices(widths)
@@ -315,26 +367,35 @@ class MetaPruning(Compressor):
             saved = json.loads(path.read_text())
             self.search_log = saved["log"]
             return saved["structure"]
+        if self.cfg.constraint == "latency":
+            self._open_latency_cache()
         if self.cfg.search == "uniform":
             found = self._uniform()
         else:
             found = self._evolve(task.model)
+        if self.cfg.constraint == "latency":
+            self.search_log["latency"] = self._latency_report(found)
         with atomic_file(path) as f:
             f.write(json.dumps({"structure": found, "log": self.search_log}, indent=1).encode())
         return found
 
     def _uniform(self) -> dict[str, int]:
+        found, ratio = self._uniform_structure()
+        self.search_log = {"uniform_ratio": ratio}
+        return found
+
+    def _uniform_structure(self) -> tuple[dict[str, int], float]:
         """The largest single ratio (to 1/1000) whose structure fits the budget: the paper's baseline."""
+        if self.fits(self._scaled(1.0)):
+            return self._scaled(1.0), 1.0
         low, high = 0.0, 1.0
         for _ in range(10):
             mid = (low + high) / 2
-            if self.flops_fraction(self._scaled(mid)) <= self.cfg.flops_target:
+            if self.fits(self._scaled(mid)):
                 low = mid
             else:
                 high = mid
-        found = self._scaled(low) if self.flops_fraction(self._scaled(1.0)) > self.cfg.flops_target else self._scaled(1.0)
-        self.search_log = {"uniform_ratio": round(low, 4)}
-        return found
+        return self._scaled(low), round(low, 4)
 
     def _scaled(self, ratio: float) -> dict[str, int]:
         return {g.name: max(1, math.floor(g.size * ratio)) for g in self.plan.groups}
@@ -352,7 +413,7 @@ class MetaPruning(Compressor):
             return scores[genes]
 
         def valid(genes: tuple) -> bool:
-            return self.flops_fraction(dict(zip(groups, genes, strict=True))) <= cfg.flops_target
+            return self.fits(dict(zip(groups, genes, strict=True)))
 
         def draw(make, count: int, taken: set) -> list[tuple]:
             out = []
@@ -370,7 +431,8 @@ class MetaPruning(Compressor):
 
         population = draw(lambda: tuple(pick(self.choices[g]) for g in groups), cfg.population, set())
         if not population:
-            raise EffmlError(f"compressor.flops_target={cfg.flops_target}: no random structure met it in "
+            target = f"latency_target={cfg.latency_target}" if cfg.constraint == "latency" else f"flops_target={cfg.flops_target}"
+            raise EffmlError(f"compressor.{target}: no random structure met it in "
                              f"{cfg.population * 20} draws; raise min_ratio's floor or the target")
         initial = [score(p) for p in population]
         chance = 1 / self.datamodule.info.num_classes
@@ -399,6 +461,83 @@ class MetaPruning(Compressor):
         best = max(population, key=score)
         self.search_log.update(best_val_acc=round(score(best), 6), evaluated=len(scores))
         return dict(zip(groups, best, strict=True))
+
+    # -- measured latency (constraint=latency) ------------------------------------------------
+    def _skeleton(self) -> nn.Module:
+        """The dense model as a plain copy: no pruning reparametrization, PruningNet or hooks of ours."""
+        keep = {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.plan.groups}
+        skeleton, _ = cs.remove_channels(self.model, self.inputs, keep, 1, output_layer=self.cfg.output_layer,
+                                         plan=self.plan)
+        if hasattr(skeleton, "pruningnet"):
+            del skeleton.pruningnet
+        for module in skeleton.modules():
+            for hook in self.hooks:
+                module._forward_pre_hooks.pop(hook.id, None)
+                module._forward_pre_hooks_with_kwargs.pop(hook.id, None)
+        return skeleton
+
+    def latency_fraction(self, widths: dict[str, int]) -> float:
+        """The structure's measured latency over the dense model's, cut out physically and timed
+        interleaved with the dense model on the run's device; measured once per structure."""
+        structure = tuple(widths[g.name] for g in self.plan.groups)
+        if structure not in self.latencies:
+            shrunk, _ = cs.remove_channels(self.skeleton, self.inputs, self._keep(widths), self.multiple,
+                                           output_layer=self.cfg.output_layer, plan=self.plan)
+            timed = compare_models({"dense": self.skeleton, "structure": shrunk}, self.latency_inputs, self.device,
+                                   warmup=2, iters=self.cfg.latency_iters, min_time_s=0.0)
+            # the fastest round: the one least disturbed by other load on a shared machine
+            dense, ms = timed["dense"]["latency_min_ms"], timed["structure"]["latency_min_ms"]
+            self.latencies[structure] = {"fraction": ms / dense, "ms": ms, "dense_ms": dense}
+            if self.latency_file is not None:
+                self.latency_file.write(json.dumps({"structure": structure, **self.latencies[structure]}) + "\n")
+                self.latency_file.flush()
+        return self.latencies[structure]["fraction"]
+
+    def _open_latency_cache(self) -> None:
+        """Measurements of an earlier, killed search of this run: the same seed re-draws the same
+        candidates and, reading these, makes the same decisions."""
+        path = self.run_dir.artifact("latency_cache.jsonl")
+        self.latencies = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by the kill
+                    break
+                self.latencies[tuple(entry.pop("structure"))] = entry
+        self.latency_file = path.open("a")
+
+    def _latency_report(self, found: dict[str, int]) -> dict[str, Any]:
+        """The found structure, the uniform baseline under the same latency budget and the dense model,
+        timed together (the found structure's search-time ratio is what the budget was checked on)."""
+        uniform, ratio = self._uniform_structure()
+        at_search = self.latency_fraction(found)
+        self.latency_file.close()
+        self.latency_file = None
+        models = {"dense": self.skeleton}
+        for name, widths in (("found", found), ("uniform", uniform)):
+            models[name], _ = cs.remove_channels(self.skeleton, self.inputs, self._keep(widths), self.multiple,
+                                                 output_layer=self.cfg.output_layer, plan=self.plan)
+        timed = compare_models(models, self.latency_inputs, self.device, warmup=3, iters=3 * self.cfg.latency_iters,
+                               min_time_s=0.0)
+        ms = {name: timed[name]["latency_min_ms"] for name in models}
+        median = {name: timed[name]["latency_ms"] for name in models}
+        return {
+            "device": timed["dense"]["device_name"],
+            "batch_size": timed["dense"]["batch_size"],
+            "dense_ms": round(ms["dense"], 4),  # fastest round, as the search's measurements
+            "found_ms": round(ms["found"], 4),
+            "uniform_ms": round(ms["uniform"], 4),
+            "found_fraction": round(ms["found"] / ms["dense"], 4),
+            "uniform_fraction": round(ms["uniform"] / ms["dense"], 4),
+            "median_ms": {name: round(v, 4) for name, v in median.items()},
+            "found_fraction_at_search": round(at_search, 4),
+            "uniform_ratio": ratio,
+            "uniform_structure": uniform,
+            "found_flops_fraction": round(self.flops_fraction(found), 4),
+            "uniform_flops_fraction": round(self.flops_fraction(uniform), 4),
+            "measured_structures": len(self.latencies),
+        }
 
     def _recalibration_batches(self) -> list[dict]:
         loader = iter(self.datamodule.train_dataloader())

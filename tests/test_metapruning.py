@@ -12,6 +12,7 @@ import torch
 from test_resume import kill_when, stage_files, start
 
 from conftest import metrics_of, one_line_error
+from effml.compressors import metapruning as mp_module
 from effml.compressors.base import Stage
 from effml.compressors.metapruning import MetaPruning, MetaPruningConfig
 from effml.models.resnet import ResNet
@@ -43,9 +44,25 @@ def metapruning(**cfg) -> tuple[MetaPruning, torch.nn.Module]:
     model = ResNet(1, 8, 8, "B", 10)
     mp = MetaPruning(MetaPruningConfig(**cfg))
     mp.attach(model)
-    ctx = SimpleNamespace(run_dir=None, seed=0)
+    ctx = SimpleNamespace(run_dir=None, seed=0, device=torch.device("cpu"),
+                          hardware=SimpleNamespace(channel_multiple=1), measure=SimpleNamespace(batch_size=16))
     mp.prepare(ctx, Data())
     return mp, model
+
+
+class ParamLatency:
+    """compare_models with a latency of one ms per parameter: deterministic, and it counts the calls."""
+
+    def __init__(self):
+        self.timed = []
+
+    def __call__(self, models, inputs, device, **options):
+        self.timed.append(sorted(models))
+        out = {}
+        for name, model in models.items():
+            ms = float(sum(p.numel() for p in model.parameters()))
+            out[name] = {"latency_ms": ms, "latency_min_ms": ms, "device_name": "fake", "batch_size": 16}
+        return out
 
 
 def test_flops_of_a_structure_are_the_shrunk_models():
@@ -100,6 +117,49 @@ def test_search_keeps_to_the_budget_and_is_reproducible(tmp_path):
     assert saved["structure"] == found[0]
 
 
+def test_latency_constraint_rules_the_search_and_is_cached_per_structure(tmp_path, monkeypatch):
+    fake = ParamLatency()
+    monkeypatch.setattr(mp_module, "compare_models", fake)
+    settings = dict(constraint="latency", latency_target=0.5, population=6, parents=2, mutations=3, crossovers=3,
+                    iterations=2, chance_margin=-1)
+    mp, model = metapruning(**settings)
+    mp.run_dir = SimpleNamespace(artifact=lambda name: tmp_path / name)
+    mp.begin_stage(Stage("retrain", owner="metapruning"), SimpleNamespace(model=model))
+    log, report = mp.search_log["latency"], mp.report()
+    assert report["constraint"] == "latency" and report["latency_target"] == 0.5 and report["flops_target"] is None
+    assert log["found_fraction"] <= 0.5 and log["uniform_fraction"] <= 0.5  # parameters here: exact
+    assert log["found_fraction"] == log["found_fraction_at_search"]
+    assert set(log) >= {"dense_ms", "found_ms", "uniform_ms", "uniform_structure", "device", "batch_size"}
+    cached = [json.loads(line) for line in (tmp_path / "latency_cache.jsonl").read_text().splitlines()]
+    structures = [tuple(c["structure"]) for c in cached]
+    assert len(structures) == len(set(structures)) == log["measured_structures"]  # each measured once
+    assert len(fake.timed) == len(structures) + 1 + 1  # + prepare's smallest structure + the final report
+    after_finalize = {**report, "channels_after_rounding": 0.5}
+    assert MetaPruning.effect("metapruning", {"compressors": {"metapruning": after_finalize}}) is None
+    # a search killed midway: the same seed re-draws the same candidates and reads their measurements
+    found = mp.found
+    (tmp_path / "search.json").unlink()
+    lines = (tmp_path / "latency_cache.jsonl").read_text().splitlines()
+    (tmp_path / "latency_cache.jsonl").write_text("\n".join(lines[: len(lines) // 2]) + "\n" + lines[len(lines) // 2][:7])
+    fake.timed.clear()
+    mp, model = metapruning(**settings)
+    mp.run_dir = SimpleNamespace(artifact=lambda name: tmp_path / name)
+    mp.begin_stage(Stage("retrain", owner="metapruning"), SimpleNamespace(model=model))
+    assert mp.found == found
+    assert len(fake.timed) == 1 + (len(lines) - len(lines) // 2) + 1  # only the structures not read back
+
+
+def test_latency_of_a_structure_is_measured_on_the_shrunk_model():
+    mp, _ = metapruning(constraint="latency", latency_target=1.0, latency_iters=3)
+    full = {g: c[-1] for g, c in mp.choices.items()}
+    smallest = {g: c[0] for g, c in mp.choices.items()}
+    assert 0.3 < mp.latency_fraction(full) < 3  # the dense model against itself, on a shared machine
+    assert not hasattr(mp.skeleton, "pruningnet")
+    assert sum(p.numel() for p in mp.skeleton.parameters()) > 0
+    mp.latency_fraction(smallest)
+    assert len(mp.latencies) == 2
+
+
 def test_retrain_starts_from_a_fresh_draw_with_the_found_channels(tmp_path):
     mp, model = metapruning(search="uniform", flops_target=0.5)
     mp.run_dir = SimpleNamespace(artifact=lambda name: tmp_path / name)
@@ -125,9 +185,13 @@ def test_the_search_stops_when_the_pruningnet_is_at_chance(tmp_path):
     ("compressor.flops_target=0.001", "cannot be met: the smallest structure (min_ratio=0.1) keeps"),
     ("compressor.parents=60", "compressor.parents (60) must be <= compressor.population (50)"),
     ("compressor.min_ratio=0", "compressor.min_ratio must be in (0, 1]"),
+    ("compressor.constraint=latency compressor.latency_target=0", "compressor.latency_target must be in (0, 1]"),
+    ("compressor.constraint=latency compressor.latency_target=0.01",
+     "compressor.latency_target=0.01 cannot be met: the smallest structure (min_ratio=0.1) measures"),
+    ("compressor.constraint=memory", "compressor.constraint"),
 ])
 def test_bad_input_is_one_line(effml, tmp_path, override, message):
-    code, _, err = effml("train", "recipe=metapruning_resnet", "model.depth=8", override)
+    code, _, err = effml("train", "recipe=metapruning_resnet", "model.depth=8", *override.split())
     one_line_error(code, err, message)
     assert not (tmp_path / "outputs").exists()
 
