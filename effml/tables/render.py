@@ -201,7 +201,7 @@ def markdown(outcome: Outcome) -> str:
     header, rows = grid(outcome)
     lines = [f"# {spec.title}", "", f"Paper: {spec.paper}."]
     if spec.paper_numbers.setting:
-        lines.append(f"The paper's numbers: {spec.paper_numbers.setting}.")
+        lines.append(f"The paper's numbers: {spec.paper_numbers.setting.rstrip().rstrip('.')}.")
     lines += [
         "",
         f"Ours: mean ± std over seeds {_seeds(outcome.seeds)} (n = runs with a result), "
