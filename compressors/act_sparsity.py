@@ -169,6 +169,7 @@ class ActSparsity(Compressor):
         self.replaced: dict[str, str] = {}  # site → the activation class it had
         self._here = False
         self.measure_batch = 8
+        self.ffn_speedups: dict[str, float] = {}  # measured in finalize
 
     def stages(self) -> list[Stage]:
         return [Stage("train", self.cfg.epochs, self.name, self.cfg.lr_scale)]
@@ -250,7 +251,7 @@ class ActSparsity(Compressor):
             "measured_on": f"{self.cfg.measure_examples} validation examples",
             # dense FFN time / FFN time with the gather kernel, geometric mean over the FFNs, measured
             # before the choice (whether or not the kernel was kept): at one example and at measure.batch_size
-            **getattr(self, "ffn_speedups", {}),
+            **self.ffn_speedups,
         }
 
     # -- mechanics ----------------------------------------------------------------------------
