@@ -62,6 +62,7 @@ from effml.compressors.imp import fresh_init, restore
 from effml.errors import EffmlError
 from effml.measure import compare_models
 from effml.models import channel_surgery as cs
+from effml.models._common import recalibrate
 from effml.paths import atomic_file
 from effml.registry import COMPRESSORS
 
@@ -557,17 +558,7 @@ class MetaPruning(Compressor):
         was_training = model.training
         self.generating = True
         self._set_masks(widths)
-        norms = [m for m in model.modules() if isinstance(m, NORMS)]
-        momenta = [m.momentum for m in norms]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the recalibration batches
-        model.train()
-        for batch in batches:
-            model(**batch)
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-        model.eval()
+        recalibrate(model, batches)  # a cumulative average over the batches, then eval mode
         correct = total = 0
         for batch in self.datamodule.val_dataloader():
             labels = batch["labels"]

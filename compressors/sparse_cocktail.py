@@ -31,7 +31,7 @@ by cutting the channels out with Torch-Pruning (widths rounded up to the hardwar
 batches, then its accuracy, sparsity, FLOPs and latency measured on the run's device against the
 dense network (``effml.measure.compare_dense_compressed``). The report states the training cost: the
 optimizer steps and seconds of every stage (the reviewers' question; the official README says
-"TODO usage").
+that its usage is still to be written).
 
 Stated differences: ratios are effml's (the paper sweeps 10 ratios per pattern on CIFAR/ImageNet);
 the N:M ratio r means N = M·(1 − r) with one M; BN statistics are re-estimated per subnetwork at
@@ -59,6 +59,7 @@ from effml.compressors.imp import keep_largest, restore, snapshot
 from effml.compressors.nm_sparsity import groups_over_n, nm_mask, select_layers
 from effml.errors import EffmlError
 from effml.models import channel_surgery as cs
+from effml.models._common import recalibrate
 from effml.paths import atomic_file
 from effml.registry import COMPRESSORS
 
@@ -526,26 +527,6 @@ def _weight(module: nn.Module) -> Tensor:
 def mix(a: dict[str, Tensor], b: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
     """α·a + (1 − α)·b for floating tensors; the others (BN's step counts) from b."""
     return {k: alpha * a[k] + (1 - alpha) * b[k] if b[k].is_floating_point() else b[k].clone() for k in b}
-
-
-@torch.no_grad()
-def recalibrate(model: nn.Module, batches: list[dict[str, Tensor]]) -> None:
-    """Re-estimate every BN layer's running statistics on ``batches`` (a cumulative average), then
-    eval mode: a subnetwork's activations differ from the dense network's the statistics saw."""
-    norms = [m for m in model.modules() if isinstance(m, NORMS) and m.track_running_stats]
-    if not batches or not norms:
-        model.eval()
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for batch in batches:
-        model(**batch)
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
-    model.eval()
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from effml.data import DataInfo
@@ -35,3 +36,23 @@ def relu_mlp(in_features: int, widths: list[int]) -> tuple[list[nn.Module], int]
         layers += [nn.Linear(in_features, width), nn.ReLU()]
         in_features = width
     return layers, in_features
+
+
+@torch.no_grad()
+def recalibrate(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+    """Re-estimate every BN layer's running statistics on ``batches`` (a cumulative average), then eval
+    mode: a subnetwork's activations (sparse_cocktail, metapruning) differ from those the statistics saw."""
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.track_running_stats]
+    if not batches or not norms:
+        model.eval()
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for batch in batches:
+        model(**batch)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.eval()
