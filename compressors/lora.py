@@ -15,7 +15,9 @@ and backward; adapters on top train in full precision. Here the NF4 comes from t
 frozen Linear of the encoder is stored in NF4.
 
 Through HF PEFT (``get_peft_model``; fields ``r``, ``alpha``, ``dropout``, ``target_modules``).
-``finalize`` merges with PEFT's ``merge_and_unload`` into a plain dense model. PEFT cannot merge into
+``finalize`` merges with PEFT's ``merge_and_unload`` into a plain dense model and exports it with
+``save_pretrained`` to ``<run>/model`` (transformers' ``BertForSequenceClassification`` with its
+tokenizer; an EarlyBERT ticket's pruned base in effml's pruned format). PEFT cannot merge into
 a 4-bit base (users of PEFT and Optimum report it broken), so for QLoRA ``finalize`` dequantizes
 every NF4 weight first, merges in full precision, and reports the error that requantizing the
 merged weights to NF4 would add (the deployed model stays dense fp32, merged).
@@ -29,12 +31,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from effml.compressors.base import Compressor, CompressorConfig, Smoke
+from effml.compressors.base import Compressor, CompressorConfig, RunContext, Smoke
 from effml.errors import EffmlError
+from effml.models import bert_surgery as surgery
 from effml.registry import COMPRESSORS
 
 
@@ -165,6 +169,12 @@ class LoRA(Compressor):
         self.memory: dict = {}  # bytes training held, counted at its end (kept for a resumed run)
         self.merge: dict = {}
         self.full_bytes: dict = {}
+        self.export_dir: Path | None = None  # <run>/model: the merged model, written by save_pretrained
+        self.model_cfg = None  # to export the tokenizer beside it
+
+    def prepare(self, ctx: RunContext, datamodule) -> None:
+        self.export_dir = ctx.run_dir.export
+        self.model_cfg = ctx.model
 
     def attach(self, model: nn.Module) -> nn.Module:
         from peft import LoraConfig as PeftLoraConfig
@@ -219,6 +229,11 @@ class LoRA(Compressor):
         self.merge = {"merged_layers": merged_layers}
         if self.cfg.qlora:
             self.merge["requantization_error"] = requantization_error(merged, self.cfg)
+        if self.export_dir is not None:
+            self.merge["export"] = {"path": str(self.export_dir),
+                                    "format": surgery.save_classifier(merged, self.export_dir)}
+            # the tokenizer too, so the folder is a complete model for from_pretrained
+            type(merged).tokenizer_for(self.model_cfg).save_pretrained(self.export_dir)
         return merged
 
     def report(self) -> dict:

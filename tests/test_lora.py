@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel
+from transformers import AutoConfig, BertConfig, BertModel
 
 from conftest import TINY, metrics_of, one_line_error, smoke_args
 from effml.compressors.lora import LoRA, LoRAConfig, NF4Linear
@@ -52,6 +52,27 @@ def test_merge_gives_a_plain_model_with_the_adapted_function(qlora):
     report = method.report()
     assert report["merged_layers"] == 4  # query and value of 2 layers
     assert ("requantization_error" in report) == qlora
+
+
+@pytest.mark.parametrize("qlora", [False, True])
+def test_the_merged_model_exports_as_a_transformers_classifier_with_the_same_function(qlora, tmp_path):
+    """``<run>/model`` is a plain ``BertForSequenceClassification`` (safetensors) with its tokenizer:
+    ``from_pretrained`` gives back the merged model's logits, with no effml code."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from effml.models.bert import BertClassifierConfig
+
+    method = LoRA(LoRAConfig(qlora=qlora))
+    method.export_dir, method.model_cfg = tmp_path / "model", BertClassifierConfig(pretrained=None)
+    model = method.attach(tiny_bert())
+    trained_adapters(model)
+    merged = method.finalize(model, None)
+    assert method.report()["export"]["format"] == "BertForSequenceClassification"
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs()).logits, merged(**inputs()), atol=1e-6, rtol=1e-5)
+    assert AutoTokenizer.from_pretrained(tmp_path / "model")("a review")["input_ids"][0] == 101  # [CLS]
 
 
 def test_only_adapters_and_the_head_train_and_the_fraction_is_small():
@@ -123,6 +144,9 @@ def test_lora_run_reports_counts_and_bytes_and_deploys_a_merged_model(effml, tmp
     assert 0 < report["memory_ratio"] < 1 and full["total"] > held["total"]
     model = torch.load(next((tmp_path / "outputs").rglob("model.pt")), weights_only=True)
     assert not any("lora_" in k or k.startswith("base_model") for k in model)
+    assert report["export"]["format"] == "BertForSequenceClassification"
+    config = AutoConfig.from_pretrained(report["export"]["path"])
+    assert config.architectures == ["BertForSequenceClassification"] and config.num_labels == 2
 
 
 @pytest.mark.slow  # two smoke runs, about a minute on 2 CPUs
@@ -138,3 +162,4 @@ def test_lora_on_an_earlybert_ticket_adapts_the_physically_smaller_model(effml, 
     m = metrics_of(tmp_path / "lora_out")
     assert m["compressors"]["lora"]["total_params"] == smaller  # the ticket, not a full-width model
     assert m["compressors"]["lora"]["merged_layers"] == 4
+    assert m["compressors"]["lora"]["export"]["format"] == "effml_pruned"  # per-layer widths kept

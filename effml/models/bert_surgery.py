@@ -23,6 +23,7 @@ runs unchanged; at least one head per layer is always kept.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,21 +219,62 @@ def shrink(model: nn.Module, heads: list[list[int]], neurons: list[list[int]], w
 
 
 # -- export and reload -----------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_transformers():
+    """No "Writing model shards" bar inside effml's own progress output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def save_pruned(model: nn.Module, directory: Path) -> None:
     """``model.bert.save_pretrained`` with the per-layer structure recorded in config.json, and the
     task head (everything outside ``bert``) in ``head.pt``."""
-    from transformers.utils import logging as hf_logging
-
     directory, structure, encoder = Path(directory), Structure.of(model), model.bert
     encoder.config.update({STRUCTURE_KEY: {"heads": structure.heads, "intermediate_sizes": structure.ffn}})
-    hf_logging.disable_progress_bar()
     try:
-        encoder.save_pretrained(directory)
+        with quiet_transformers():
+            encoder.save_pretrained(directory)
     finally:
         encoder.config.__dict__.pop(STRUCTURE_KEY, None)
-        hf_logging.enable_progress_bar()
     head = {k: v for k, v in model.state_dict().items() if not k.startswith("bert.")}
     torch.save(head, directory / "head.pt")
+
+
+def is_pruned(model: nn.Module) -> bool:
+    """Whether some layer has lost heads or FFN neurons (its config's widths no longer hold)."""
+    config, structure = model.bert.config, Structure.of(model)
+    return (any(len(h) != config.num_attention_heads for h in structure.heads)
+            or any(w != config.intermediate_size for w in structure.ffn))
+
+
+def save_classifier(model: nn.Module, directory: Path) -> str:
+    """Export a fine-tuned classifier with ``save_pretrained``, in the format that loads it whole.
+
+    A full-width model becomes transformers' ``BertForSequenceClassification``, whose parameter names
+    ``BertClassifier`` shares, so ``AutoModelForSequenceClassification.from_pretrained(directory)``
+    returns the same function (and ``model.pretrained=<dir>`` in effml its encoder). A structurally
+    pruned one goes through ``save_pruned``, since a plain config has one width for every layer.
+    Returns the format written."""
+    if is_pruned(model):
+        save_pruned(model, directory)
+        return "effml_pruned"
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(model.bert.config)
+    config.num_labels = model.classifier.out_features
+    config.architectures = ["BertForSequenceClassification"]
+    exported = AutoModelForSequenceClassification.from_config(config)
+    exported.load_state_dict(model.state_dict(), strict=True)  # same names, same shapes, nothing left over
+    with quiet_transformers():
+        exported.save_pretrained(directory)  # safetensors
+    return type(exported).__name__
 
 
 def saved_structure(directory: str | Path) -> Structure | None:
