@@ -39,7 +39,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from effml import tables
+from effml import run_record, tables
 from effml.errors import EffmlError
 from effml.paths import RunDir
 from effml.tables import Missing, Outcome, Point, Series, TableSpec
@@ -274,6 +274,13 @@ def run_streaming(plan: SeriesPlan, progress: Progress, task) -> int:
 # --------------------------------------------------------------------------- results
 
 
+MISSING_WHY = {
+    "not run": "not run yet",
+    "running": "still running: see run.log beside it",
+    "failed": "the run started and ended without it, failed or killed: see the log above or run.log beside it",
+}
+
+
 def collect(spec: TableSpec, plans: list[SeriesPlan], seeds: list[int], command: str) -> Outcome:
     """The points of every finished run; every job without a usable result is named as missing."""
     from effml import report
@@ -284,8 +291,8 @@ def collect(spec: TableSpec, plans: list[SeriesPlan], seeds: list[int], command:
     devices: set[str] = set()
     for job in (job for plan in plans if not plan.series.prerequisite for job in plan.jobs):
         if not job.metrics.exists():
-            missing.append(Missing(job.series, job.seed, f"no {job.metrics} (not run, or it failed: see the "
-                                                          "log above or run.log beside it)"))
+            state = run_record.missing_state(job.run_dir)
+            missing.append(Missing(job.series, job.seed, f"no {job.metrics} ({MISSING_WHY[state]})", state))
             continue
         try:
             metrics = report.load_metrics(job.metrics)

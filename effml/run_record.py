@@ -147,6 +147,26 @@ class run_lock:
         self.file.close()
 
 
+def is_running(run_dir: RunDir) -> bool:
+    """Whether some process holds the run's lock right now (a run in progress, not a dead one)."""
+    if not run_dir.lock.is_file():
+        return False
+    with open(run_dir.lock) as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(file, fcntl.LOCK_UN)
+    return False
+
+
+def missing_state(run_dir: RunDir) -> str:
+    """Why a run has no metrics.json: "not run", "running", or "failed" (started, ended without)."""
+    if not run_dir.path.is_dir():
+        return "not run"
+    return "running" if is_running(run_dir) else "failed"
+
+
 class run_log:
     """Mirror log records into the run's ``run.log`` for the duration of the run."""
 

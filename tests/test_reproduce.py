@@ -8,6 +8,7 @@ import json
 import shutil
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -497,7 +498,7 @@ def test_report_only_aggregates_what_is_there(finished, effml, monkeypatch, tmp_
     assert code == 0 and "every claim holds" in out and "finished already" not in out
     assert (finished.root / "outputs" / "tables" / "tiny_pass" / "table.md").exists()
     code, out, _ = effml("reproduce", "tiny_pass", "--report")  # without TINY: other run ids, none finished
-    assert code == 1 and out.count("missing: ") == 4 and "failed" in out
+    assert code == 1 and out.count("missing: ") == 4 and "not run yet" in out and "failed" not in out
 
 
 @pytest.mark.e2e
@@ -518,10 +519,27 @@ def test_a_failed_run_is_missing_and_the_others_are_kept(finished, effml, monkey
     assert out.count("finished already") == 4  # seeds 0 and 1 of both series, skipped by effml train
     assert "corrupt" in out  # the failed job's own message, streamed
     assert f"missing: pruned seed 2: no {broken.run_dir.metrics}" in out.replace("\n", "")
+    assert "failed or killed" in out.replace("\n", " ")  # it started: its folder is there, no process holds it
     summary = json.loads((tmp_path / "outputs" / "tables" / "tiny" / "summary.json").read_text())
     n = {cell["series"]: cell["n"] for cell in summary["cells"]}
     assert n == {"dense": 3, "pruned": 2}  # dense seed 2 ran; pruned kept its two finished seeds
     assert [m["series"] for m in summary["missing"]] == ["pruned"]
+
+
+def test_a_missing_result_says_whether_the_run_never_started_is_running_or_failed(tmp_path):
+    from effml.paths import RunDir
+    from effml.run_record import missing_state, run_lock
+    from effml.tables.render import Missing, series_cell_text
+
+    run = RunDir.of(tmp_path, "recipe", "abc", 0)
+    assert missing_state(run) == "not run"
+    run.path.mkdir(parents=True)
+    with run_lock(run):
+        assert missing_state(run) == "running"  # the lock is held by a live process
+    assert missing_state(run) == "failed"  # started, released its lock, wrote no metrics.json
+    outcome = SimpleNamespace(cells={}, missing=[Missing("a", 0, "", "running"), Missing("b", 0, "", "not run"),
+                                                 Missing("b", 1, "", "failed")])
+    assert [series_cell_text(outcome, s, None) for s in ("a", "b", "c")] == ["running", "failed", "—"]
 
 
 # --------------------------------------------------------------------------- the claim registry

@@ -62,6 +62,7 @@ class Missing:
     series: str
     seed: int | None
     reason: str
+    state: str = "failed"  # "not run", "running" or "failed" (also: a result that cannot be read)
 
     @property
     def text(self) -> str:
@@ -162,7 +163,8 @@ def _grid_by_x(outcome: Outcome, xs: list[float], paper: dict[str, dict[float | 
 
 def series_cell_text(outcome: Outcome, series: str, x: float | None) -> str:
     if series not in outcome.cells:
-        return "failed" if any(m.series == series for m in outcome.missing) else "—"
+        states = {m.state for m in outcome.missing if m.series == series}
+        return next((state for state in ("failed", "running", "not run") if state in states), "—")
     return cell_text(find_cell(outcome.cells, series, x), outcome.spec.y.decimals)
 
 
