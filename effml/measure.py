@@ -467,8 +467,11 @@ def compare_models(
     min_time_s: float = 0.5,
     max_iters: int = 1000,
     max_time_s: float = 60.0,
+    compile: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """`measure_inference` for several models at once, timed interleaved on the same inputs."""
+    """`measure_inference` for several models at once, timed interleaved on the same inputs. With
+    ``compile``, each runs through ``torch.compile`` (compiled in the warmup, which is then at least
+    one call), as a deployment under ``hardware.compile=true`` would."""
     device = torch.device(device)
     x = _to(inputs, device)
     bs = _batch_size(inputs)
@@ -476,10 +479,12 @@ def compare_models(
         ms = {k: stack.enter_context(_on_device(m, device)) for k, m in models.items()}
         stack.enter_context(torch.inference_mode())
         stack.enter_context(_autocast(device, dtype))
-        fns = {k: (lambda m=m: m(**x)) for k, m in ms.items()}
-        times = _time_interleaved(fns, device, warmup, iters, min_time_s, max_iters, max_time_s)
+        runs = {k: torch.compile(m) if compile else m for k, m in ms.items()}
+        fns = {k: (lambda m=m: m(**x)) for k, m in runs.items()}
+        times = _time_interleaved(fns, device, max(warmup, 2) if compile else warmup, iters, min_time_s,
+                                  max_iters, max_time_s)
         return {
-            k: _header(device, dtype, bs)
+            k: _header(device, dtype, bs) | {"compiled": compile}
             | _timing_summary(times[k], bs)
             | _peak_memory(fns[k], device, resident_bytes(ms[k]) + _inputs_bytes(x))
             for k in ms
@@ -639,8 +644,10 @@ def compare_dense_compressed(
     min_time_s: float = 0.5,
     max_iters: int = 1000,
     max_time_s: float = 60.0,
+    compile: bool = False,
 ) -> dict[str, Any]:
-    """Dense and compressed side by side on the same inputs and device, timed interleaved.
+    """Dense and compressed side by side on the same inputs and device, timed interleaved (with
+    ``compile``, the inference of both through ``torch.compile``; training steps stay eager).
 
     With `labels`, training steps are timed too. Returns
     {"device", "device_name", "dtype", "batch_size",
@@ -653,14 +660,14 @@ def compare_dense_compressed(
     """
     device = torch.device(device)
     models = {"dense": dense, "compressed": compressed}
-    timed = compare_models(models, inputs, device, dtype, warmup, iters, min_time_s, max_iters, max_time_s)
+    timed = compare_models(models, inputs, device, dtype, warmup, iters, min_time_s, max_iters, max_time_s, compile)
     inference_only = holds_kernels(compressed)  # quantized / 2:4 weights: no backward, nothing to time
     labels = None if inference_only else labels
     if labels is not None:
         trained = compare_train_steps(models, inputs, labels, device, dtype, warmup=warmup, iters=iters, min_time_s=min_time_s)
         for k in models:
             timed[k] |= trained[k]
-    header = {k: timed["dense"][k] for k in ("device", "device_name", "dtype", "batch_size")}
+    header = {k: timed["dense"][k] for k in ("device", "device_name", "dtype", "batch_size", "compiled")}
     sides = {
         k: {n: v for n, v in timed[k].items() if n not in header} | _static_report(m, inputs)
         for k, m in models.items()

@@ -108,6 +108,7 @@ def measure_speed(p: Plan, dense, compressed, datamodule) -> dict:
         speed = measure.compare_dense_compressed(
             dense, compressed, datamodule.example_inputs(m.batch_size), "cuda" if h.accelerator == "gpu" else "cpu",
             dtype=dtype, labels=labels, warmup=m.warmup, iters=m.iters, min_time_s=m.min_time_s,
+            compile=h.compile,  # the target runs its models compiled: time them so
         )
     if datamodule.info.task == "lm":  # a sample is a block of seq_len tokens: say it in tokens too
         add_tokens_per_s(speed, datamodule.info.seq_len)

@@ -80,6 +80,20 @@ def test_measure_inference_cpu():
     assert big["peak_mem_bytes"] > small["peak_mem_bytes"] > measure.resident_bytes(model)
 
 
+@pytest.mark.e2e  # inductor compiles two graphs on the CPU: seconds
+def test_compiled_measurement_times_the_compiled_models_and_says_so(monkeypatch):
+    compiled = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or real_compile(m, **kw))
+    dense, small = _mlp(), _mlp()
+    r = measure.compare_dense_compressed(dense, small, {"input": torch.randn(8, 784)}, "cpu", iters=3,
+                                         min_time_s=0.01, compile=True)
+    assert compiled == [dense, small] and r["compiled"] is True and r["dense"]["latency_ms"] > 0
+    assert r["dense"]["flops_per_sample"] > 0  # the static report still reads the eager models
+    assert measure.compare_dense_compressed(dense, small, {"input": torch.randn(8, 784)}, "cpu", iters=3,
+                                            min_time_s=0.01)["compiled"] is False
+
+
 def test_measure_train_step_restores_weights():
     model = _mlp()
     before = [p.clone() for p in model.parameters()]
