@@ -323,3 +323,18 @@ def test_hardware_auto_keeps_the_process_settings():
 
     resolved = hw.resolve(HardwareConfig(name="auto", accelerator="auto", devices=2, num_nodes=3, strategy="ddp"))
     assert (resolved.devices, resolved.num_nodes, resolved.strategy) == (2, 3, "ddp")
+
+
+@pytest.mark.parametrize("found", ["cpu", "h100", "gpu_generic"])
+def test_hardware_auto_keeps_every_field_set_on_the_command_line(found, monkeypatch):
+    """``hardware=auto hardware.compile=true`` compiles: the preset found fills only what was not set."""
+    from effml.config import HardwareConfig
+    from effml.kernels import hardware as hw
+
+    monkeypatch.setattr(hw, "detect_preset", lambda: found)
+    resolved = hw.resolve(HardwareConfig(name="auto", accelerator="auto", compile=True, channel_multiple=16))
+    assert resolved.compile is True and resolved.channel_multiple == 16
+    assert resolved.accelerator == ("cpu" if found == "cpu" else "gpu")
+    if found != "gpu_generic":  # the rest is the preset's
+        assert resolved.precision == hw.preset(found).precision
+        assert resolved.sdpa_backends == hw.preset(found).sdpa_backends

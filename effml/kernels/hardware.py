@@ -49,15 +49,22 @@ def detect_preset() -> str:
 def resolve(cfg: HardwareConfig) -> HardwareConfig:
     """Turn ``auto`` into a concrete preset; refuse a GPU target on a machine without one."""
     if cfg.accelerator == "auto":
-        found = detect_preset()
+        found, chosen = detect_preset(), user_choices(cfg)
         if found == "gpu_generic":  # pre-Ampere: no bf16 tensor cores
-            return dataclasses.replace(cfg, name="gpu", accelerator="gpu", precision="16-mixed",
-                                       sdpa_backends=["efficient", "math"])
-        processes = {k: getattr(cfg, k) for k in ("devices", "num_nodes", "strategy")}  # the user's, kept
-        return dataclasses.replace(preset(found), name=f"auto→{found}", **processes)
+            generic = {"precision": "16-mixed", "sdpa_backends": ["efficient", "math"]}
+            return dataclasses.replace(cfg, name="gpu", accelerator="gpu", **(generic | chosen))
+        return dataclasses.replace(preset(found), name=f"auto→{found}", **chosen)
     if cfg.accelerator == "gpu" and not torch.cuda.is_available():
         raise EffmlError(f"hardware={cfg.name} needs a CUDA GPU and none is visible; use hardware=cpu or hardware=auto")
     return cfg
+
+
+def user_choices(cfg: HardwareConfig) -> dict[str, Any]:
+    """The fields of an ``auto`` config set away from ``conf/hardware/auto.yaml`` (``hardware=auto
+    hardware.compile=true``, ``hardware.devices=8``): the preset ``auto`` finds must keep them."""
+    defaults = preset("auto")
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if f.name not in ("name", "accelerator") and getattr(cfg, f.name) != getattr(defaults, f.name)}
 
 
 def sdpa_choice(cfg: HardwareConfig) -> list[str]:
