@@ -227,7 +227,7 @@ class EBERT(Compressor):
     """Per-input head and FFN-channel masks (Liu et al. 2021): joint training, then BERT alone."""
 
     smoke = Smoke(("bert",), ("gate_init=0.0",))  # half the gates closed from the start: the skip path works
-    owns = frozenset({"modules"})  # the predictors
+    owns = frozenset({"modules", "gathered inference"})  # the predictors; SkippingBert
 
     @classmethod
     def effect(cls, name: str, metrics: dict[str, Any]) -> str | None:

@@ -162,3 +162,13 @@ def test_a_smoke_run_reports_realised_flops_mask_statistics_and_latency(effml, t
         latency = r["latency"][f"batch_{size}"]
         assert latency["dense_ms"] > 0 and latency["ebert_ms"] > 0 and latency["static_ms"] > 0
     assert EBERT.effect("ebert", m) is None
+
+
+@pytest.mark.parametrize("other, why", [("ptq", "quantizes the weights"),
+                                        ("attention", "replaces the attention function of every layer"),
+                                        ("earlybert", "removes heads and neurons physically")])
+def test_methods_whose_layers_the_skipping_path_cannot_read_are_refused_in_one_line(effml, tmp_path, other, why):
+    code, _, err = effml("train", *TINY, *smoke_args("bert", ["ebert", other]))
+    one_line_error(code, err, f"compressors ebert and {other} cannot compose: ebert ")
+    assert why in err
+    assert not (tmp_path / "outputs").exists()
