@@ -107,6 +107,12 @@ def test_joint_training_pulls_the_flops_towards_the_target_then_phase_two_freeze
         optimizer.step()
         ratios.append(float(ebert.last_train_ratio))
     assert ratios[0] > 0.85 and abs(sum(ratios[-5:]) / 5 - 0.5) < 0.15, ratios
+    # counted on the masks inference uses: the eval model keeps about the target too
+    model.eval()
+    with torch.no_grad():
+        model(**x)
+    assert abs(flops_ratio(ebert.layers, ebert.masks, ebert.tokens).mean().item() - 0.5) < 0.15
+    model.train()
     # phase 2: from the switch step on, the predictors are frozen, in eval mode, and add no loss
     ebert.mine, ebert.switch_step = True, 10
     ebert.on_train_batch_start(SimpleNamespace(global_step=10), None, None, 0)
