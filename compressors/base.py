@@ -150,6 +150,7 @@ OWNED = {
     "activation thresholds": "calibrates activation thresholds kept in the model's state",
     "token dropping": "drops tokens from layers while training",
     "attention": "replaces the attention function of every layer",
+    "gathered inference": "computes each sample's layers from weights it gathers itself at inference",
 }
 # Pairs of owned things that cannot meet in one run (each found to crash or to undo the other in the
 # composition matrix, tests/test_composition.py): each thing with itself; physical cuts, which rewind
@@ -166,7 +167,10 @@ CONFLICTS = {frozenset({thing}) for thing in OWNED} | {
                                  ("rewinding", "activation thresholds"),
                                  # a window, Linformer's segments or LSH's buckets over the kept tokens
                                  # would cover other positions than the ones they were set for
-                                 ("token dropping", "attention")]}
+                                 ("token dropping", "attention"),
+                                 # EBERT's per-sample path reads plain Linear weights and runs its own
+                                 # softmax attention: a quantized layer has none, a replaced attention is skipped
+                                 ("gathered inference", "quantization"), ("gathered inference", "attention")]}
 
 
 class Compressor(L.Callback):

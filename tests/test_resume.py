@@ -105,6 +105,13 @@ TERNARY_RUN = ["train", *SETUPS["bert"], "compressor=ternarybert", "compressor.m
                "compressor.teacher={source:stage,epochs:1,model:{name:bert,pretrained:null,hf_config:"
                "{hidden_size:32,num_hidden_layers:2,num_attention_heads:4,intermediate_size:64}}}"]
 
+# EBERT on the tiny BERT, killed after the first of 4 epochs (2 steps each): mid joint phase, before the switch
+# to frozen predictors at step 4. The predictors and their BatchNorm statistics (model), the Gumbel generator
+# and the phase (its state) come back, and the rest of the joint phase draws the same noise.
+EBERT_RUN = ["train", *SETUPS["bert"], "compressor=ebert", "compressor.gate_init=0.0", "trainer.max_epochs=4",
+             "trainer.progress_bar=off", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+             "measure.enabled=false"]
+
 # Sparse Cocktail on a small ResNet, killed mid co-training round 1 (round 0 finished and skipped): the
 # round's masks, the rewind point and the rounds' weights (its state) resume with the dense pivot's step.
 COCKTAIL_RUN = ["train", "recipe=sparse_cocktail_resnet", "model.depth=8", "model.width=8", "data.train_subset=512",
@@ -136,8 +143,11 @@ def untimed(value):
         # mid co-training round; slow: two runs and a rerun took 71 s on the shared 2-core machine
         pytest.param(COCKTAIL_RUN, [], "outputs/*/*/*/stages/02_round_01/checkpoints/last.ckpt",
                      marks=pytest.mark.slow),
+        # mid joint phase, the switch to frozen predictors still ahead
+        pytest.param(EBERT_RUN, [], "outputs/*/*/*/stages/00_train/checkpoints/last.ckpt",
+                     marks=pytest.mark.slow),
     ],
-    ids=["gradual", "oneshot", "token_schedules", "ternarybert_lat", "sparse_cocktail"],
+    ids=["gradual", "oneshot", "token_schedules", "ternarybert_lat", "sparse_cocktail", "ebert"],
 )
 def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path, run, extra, marker):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -155,7 +165,7 @@ def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path, run, extra, m
     assert stage_files(straight) == stage_files(killed)  # byte for byte: sha256 sums agree
     assert stage_logs(straight) == stage_logs(killed)  # the whole curve, though the run restarted
     masks = [k for k in model_a if k.endswith("weight_mask")]
-    assert masks or run in (TOKEN_SCHEDULE_RUN, TERNARY_RUN)
+    assert masks or run in (TOKEN_SCHEDULE_RUN, TERNARY_RUN, EBERT_RUN)
     assert all(torch.equal(model_a[k], model_b[k]) for k in masks)
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)  # every weight, bit for bit
     for key in ("test_acc", "val_acc", "test_ppl", "val_loss", "sparsity", "compressors", "train_loss_spikes"):
@@ -165,6 +175,10 @@ def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path, run, extra, m
     if run is TERNARY_RUN:  # LAT's curvature came from Adam, and matches bit for bit
         curvature = [k for k in model_a if k.endswith("weight_quantizer.curvature")]
         assert curvature and not torch.equal(model_a[curvature[0]], torch.ones_like(model_a[curvature[0]]))
+    if run is EBERT_RUN:  # the predictors trained, and phase 2 began after the resume
+        report = metrics_a["compressors"]["ebert"]
+        assert report["joint_steps"] == 4 and report["predictors_frozen"]
+        assert any(k.startswith("ebert_predictors.") and k.endswith("bn.running_mean") for k in model_a)
     if run is TOKEN_SCHEDULE_RUN:  # the schedules really were mid-way: tokens dropped, sequences short
         assert metrics_a["compressors"]["random_ltd"]["layer_tokens_saved_pct"] > 0
         assert metrics_a["compressors"]["seqlen_warmup"]["tokens_saved_pct"] > 0
