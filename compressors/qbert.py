@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effml import distributed
 from effml.choice import check_choices, choice
 from effml.compressors._quant import (
     Grid,
@@ -283,7 +284,7 @@ class QBERT(QuantizationAwareTraining):
             self.analysis = json.loads(stored.read_text())
         else:
             self.analysis = self.measure_sensitivity(task.model)
-            if stored is not None:
+            if stored is not None and distributed.is_main():  # ranks > 0 measure the same and write nothing
                 tmp = stored.with_suffix(".tmp")
                 tmp.write_text(json.dumps(self.analysis, indent=1))
                 os.replace(tmp, stored)
