@@ -45,8 +45,10 @@ the batches and its trace beside the bits it got.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +79,7 @@ Sensitivity = choice("Sensitivity", "eigenvalue trace")  # what orders the block
 SENSITIVITY_FILE = "qbert_sensitivity.json"
 PLOT_FILE = "qbert_sensitivity.png"
 ENCODER = "bert.encoder.layer."
+log = logging.getLogger("effml")
 
 
 @dataclass
@@ -283,12 +286,16 @@ class QBERT(QuantizationAwareTraining):
         if stored is not None and stored.exists():  # a rerun of a killed run: computed once already
             self.analysis = json.loads(stored.read_text())
         else:
+            start = time.perf_counter()
             self.analysis = self.measure_sensitivity(task.model)
+            log.info("qbert: Hessian sensitivity of %d blocks measured in %.1f s", len(self.analysis),
+                     time.perf_counter() - start)
             if stored is not None and distributed.is_main():  # ranks > 0 measure the same and write nothing
                 tmp = stored.with_suffix(".tmp")
                 tmp.write_text(json.dumps(self.analysis, indent=1))
                 os.replace(tmp, stored)
         self.set_bits(self.choose_bits())
+        log.info("qbert: bits %s (average %.3f, budget %g)", self.bits, self.realised_bits(), self.cfg.avg_bits)
 
     def hessian_batches(self) -> list[dict[str, Tensor]]:
         """``hessian_batches`` batches of training examples drawn once with the run's seed."""
@@ -400,18 +407,18 @@ class QBERT(QuantizationAwareTraining):
         names = list(self.analysis)
         short = [n.removeprefix(ENCODER) for n in names]
         x = list(range(1, len(names) + 1))
-        figure = Figure(figsize=(max(7.0, 0.5 * len(names) + 4), 4), layout="constrained")
+        figure = Figure(figsize=(max(8.0, 0.5 * len(names) + 4), 4), layout="constrained")
         FigureCanvasAgg(figure)
         eig, tr, bits = figure.subplots(1, 3)
         eig.boxplot([self.analysis[n]["eigenvalue"]["values"] for n in names], positions=x)
-        eig.set_title("top Hessian eigenvalue over batches", fontsize=9)
+        eig.set_title("top Hessian eigenvalue λ (batches)", fontsize=8)
         means = [self.analysis[n]["trace"]["mean"] for n in names]
         stds = [self.analysis[n]["trace"]["std"] for n in names]
         tr.errorbar(x, means, yerr=stds, fmt="o", capsize=3)
-        tr.set_title("Hessian trace (Hutchinson), mean ± std", fontsize=9)
+        tr.set_title("trace (Hutchinson), mean ± std", fontsize=8)
         bits.bar(x, [self.bits[n] for n in names], color="C2")
         bits.axhline(self.cfg.avg_bits, color="black", linestyle="--", linewidth=1, label=f"budget {self.cfg.avg_bits:g}")
-        bits.set_title(f"bits chosen (by {self.cfg.sensitivity})", fontsize=9)
+        bits.set_title(f"bits chosen (Ω of the {self.cfg.sensitivity})", fontsize=8)
         bits.legend(fontsize=7)
         for axes in (eig, tr, bits):
             axes.set_xticks(x, short, rotation=90 if len(names) > 8 else 0, fontsize=7)
