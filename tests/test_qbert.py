@@ -165,11 +165,15 @@ def test_sensitivity_per_layer_is_deterministic_and_drives_the_grids():
     assert all(restored.layers[p].weight_quantizer.grid.bits == q.bits_for(p) for p in q.layers)
 
 
-def test_per_linear_granularity_has_one_block_per_linear():
-    q, model = compressor(granularity="linear", avg_bits=4.0, bit_choices=[2, 4, 8])
+def test_per_linear_granularity_by_trace_has_one_block_per_linear():
+    q, model = compressor(granularity="linear", avg_bits=4.0, bit_choices=[2, 4, 8], sensitivity="trace")
     q.begin_stage(Stage("train", owner="qbert", role="plain"), Task(model))
     assert set(q.blocks) == set(q.layers)
     assert set(q.bits.values()) <= {2, 4, 8} and q.realised_bits() <= 4.0
+    omega = q.omega()  # the trace's Ω per weight: its mean eigenvalue
+    a = q.analysis["bert.encoder.layer.0.output.dense"]
+    assert omega["bert.encoder.layer.0.output.dense"] == pytest.approx(
+        (abs(a["trace"]["mean"]) + a["trace"]["std"]) / (32 * 64))
 
 
 def test_non_transformer_model_is_refused():
