@@ -78,6 +78,9 @@ class Grid:
     bits: int = 8
     symmetric: bool = True
     per_channel: bool = False  # one range per output channel (axis 0)
+    # > 0: one range per block of consecutive output rows, this many blocks (Q-BERT's group-wise
+    # quantization, compressors/qbert.py); the rows of a block share their scale (stored per row)
+    groups: int = 0
 
     @property
     def qmax(self) -> int:
@@ -87,8 +90,15 @@ class Grid:
     def qmin(self) -> int:
         return -self.qmax if self.symmetric else 0
 
+    @property
+    def per_row(self) -> bool:
+        """The scale is a vector along axis 0 (per channel, or per group of rows repeated per row)."""
+        return self.per_channel or self.groups > 0
+
     def describe(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
+        if self.groups:
+            return f"{self.bits} bits, {kind}, {self.groups} groups of rows"
         return f"{self.bits} bits, {kind}, per {'channel' if self.per_channel else 'tensor'}"
 
 
@@ -105,7 +115,7 @@ def scale_zero_point(lo: Tensor, hi: Tensor, grid: Grid) -> tuple[Tensor, Tensor
 
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, grid: Grid) -> Tensor:
     """x on the grid, in x's dtype; the gradient is straight-through inside the range, 0 outside."""
-    if grid.per_channel:
+    if grid.per_row:
         return torch.fake_quantize_per_channel_affine(x, scale, zero_point, 0, grid.qmin, grid.qmax)
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, grid.qmin, grid.qmax)
 
@@ -113,6 +123,10 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, grid: Grid) -> T
 # -- observers -----------------------------------------------------------------------------------
 def observe_range(x: Tensor, observer: str, grid: Grid, percentile: float = 99.99) -> tuple[Tensor, Tensor]:
     """The range [lo, hi] to quantize ``x`` on: per output channel (vectors) or per tensor (scalars)."""
+    if grid.groups:  # each block of rows is one row of the range search, its range repeated per row
+        blocks = x.detach().float().reshape(grid.groups, -1)  # row-major: block g holds rows g·k … g·k + k − 1
+        lo, hi = observe_range(blocks, observer, replace(grid, groups=0, per_channel=True), percentile)
+        return lo.repeat_interleave(x.shape[0] // grid.groups), hi.repeat_interleave(x.shape[0] // grid.groups)
     rows = x.detach().float().flatten(1) if grid.per_channel else x.detach().float().reshape(1, -1)
     if observer == "percentile":
         lo, hi = percentile_range(rows, percentile)

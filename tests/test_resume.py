@@ -112,6 +112,14 @@ EBERT_RUN = ["train", *SETUPS["bert"], "compressor=ebert", "compressor.gate_init
              "trainer.progress_bar=off", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
              "measure.enabled=false"]
 
+# Q-BERT on the tiny BERT, killed after the first of 4 epochs of QAT: the Hessian phase ran once, before
+# the stage, and its qbert_sensitivity.json is read back (not measured again); the allocation comes back
+# in the compressor's state, the EMA input ranges and the optimizer from last.ckpt.
+QBERT_RUN = ["train", *SETUPS["bert"], "compressor=qbert", "compressor.hessian_batches=2",
+             "compressor.hessian_batch_size=8", "compressor.power_iterations=3", "compressor.hutchinson_samples=2",
+             "trainer.max_epochs=4", "trainer.progress_bar=off", "trainer.limit_val_batches=1",
+             "trainer.limit_test_batches=1", "measure.enabled=false"]
+
 # Sparse Cocktail on a small ResNet, killed mid co-training round 1 (round 0 finished and skipped): the
 # round's masks, the rewind point and the rounds' weights (its state) resume with the dense pivot's step.
 COCKTAIL_RUN = ["train", "recipe=sparse_cocktail_resnet", "model.depth=8", "model.width=8", "data.train_subset=512",
@@ -140,6 +148,8 @@ def untimed(value):
                      marks=pytest.mark.slow),
         pytest.param(TERNARY_RUN, [], "outputs/*/*/*/stages/01_train/checkpoints/last.ckpt",
                      marks=pytest.mark.slow),  # mid distillation, LAT's curvature moving
+        pytest.param(QBERT_RUN, [], "outputs/*/*/*/stages/00_train/checkpoints/last.ckpt",
+                     marks=pytest.mark.slow),  # mid QAT, after the Hessian phase
         # mid co-training round; slow: two runs and a rerun took 71 s on the shared 2-core machine
         pytest.param(COCKTAIL_RUN, [], "outputs/*/*/*/stages/02_round_01/checkpoints/last.ckpt",
                      marks=pytest.mark.slow),
@@ -147,7 +157,7 @@ def untimed(value):
         pytest.param(EBERT_RUN, [], "outputs/*/*/*/stages/00_train/checkpoints/last.ckpt",
                      marks=pytest.mark.slow),
     ],
-    ids=["gradual", "oneshot", "token_schedules", "ternarybert_lat", "sparse_cocktail", "ebert"],
+    ids=["gradual", "oneshot", "token_schedules", "ternarybert_lat", "qbert", "sparse_cocktail", "ebert"],
 )
 def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path, run, extra, marker):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -165,7 +175,7 @@ def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path, run, extra, m
     assert stage_files(straight) == stage_files(killed)  # byte for byte: sha256 sums agree
     assert stage_logs(straight) == stage_logs(killed)  # the whole curve, though the run restarted
     masks = [k for k in model_a if k.endswith("weight_mask")]
-    assert masks or run in (TOKEN_SCHEDULE_RUN, TERNARY_RUN, EBERT_RUN)
+    assert masks or run in (TOKEN_SCHEDULE_RUN, TERNARY_RUN, QBERT_RUN, EBERT_RUN)
     assert all(torch.equal(model_a[k], model_b[k]) for k in masks)
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)  # every weight, bit for bit
     for key in ("test_acc", "val_acc", "test_ppl", "val_loss", "sparsity", "compressors", "train_loss_spikes"):
@@ -179,6 +189,9 @@ def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path, run, extra, m
         report = metrics_a["compressors"]["ebert"]
         assert report["joint_steps"] == 4 and report["predictors_frozen"]
         assert any(k.startswith("ebert_predictors.") and k.endswith("bn.running_mean") for k in model_a)
+    if run is QBERT_RUN:  # the resumed run read the uninterrupted run's sensitivity and allocation back
+        a, b = (next((root / "outputs").rglob("qbert_sensitivity.json")).read_text() for root in (straight, killed))
+        assert a == b and metrics_a["compressors"]["qbert"]["allocation"]
     if run is TOKEN_SCHEDULE_RUN:  # the schedules really were mid-way: tokens dropped, sequences short
         assert metrics_a["compressors"]["random_ltd"]["layer_tokens_saved_pct"] > 0
         assert metrics_a["compressors"]["seqlen_warmup"]["tokens_saved_pct"] > 0
