@@ -270,6 +270,8 @@ def test_bad_sparsity_and_a_non_transformer_are_one_line_and_write_nothing(effml
     one_line_error(code, err, "compressor.sparsity must be in [0, 1)")
     code, _, err = effml("train", *TINY, "data=digits", "compressor=movement")
     one_line_error(code, err, "compressor movement prunes a transformer's encoder; model lenet_300_100 is not one")
+    code, _, err = effml("train", *TINY, *smoke_args("vit", ["movement"]), "compressor.granularity=row_col")
+    one_line_error(code, err, "compressor movement needs a BERT encoder (model=minilm_l6 or model=bert_base)")
     assert not (tmp_path / "outputs").exists()
 
 
