@@ -298,7 +298,9 @@ RESUME_BLOCK = ["train", *SETUPS["bert"], "compressor=movement", "compressor.gra
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("run, sparsity", [(RESUME_MOVEMENT, 0.9), (RESUME_BLOCK, None)], ids=["weight", "row_col"])
+@pytest.mark.parametrize("run, sparsity", [(RESUME_MOVEMENT, 0.9), (RESUME_BLOCK, None),
+                                           (RESUME_MOVEMENT + ["compressor.method=soft", "compressor.calibrate=true"], 0.9)],
+                         ids=["weight", "row_col", "soft_calibrated"])
 def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path, run, sparsity):
     """The masks change every step and the scores have their own optimizer group: a SIGKILL mid-stage
     and the same command again end with the same scores' effect, masks and weights, bit for bit
