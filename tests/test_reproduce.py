@@ -304,8 +304,79 @@ def test_also_quantities_are_columns_panels_and_summary_entries(tmp_path):
     pruned = next(c for c in summary["cells"] if c["series"] == "pruned")
     assert pruned["also"]["speed.compressed.tokens_per_s"]["mean"] == pytest.approx(6100)
     assert files["plot"].read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(EffmlError, match="also: extra quantities are shown for tables without x only"):
+    with pytest.raises(EffmlError, match="also: extra quantities are shown for tables without x"):
         spec_of(tmp_path, LEVELS_TABLE, also=also)
+
+
+# Accuracy against each run's own measured latency (issue 22's frontier): a marker per series.
+FRONTIER_TABLE = {
+    "title": "frontier",
+    "paper": "a paper",
+    "recipe": "magnitude_lenet",
+    "seeds": [0, 1],
+    "series": [
+        {"key": "dense", "label": "dense", "recipe": "dense_lenet"},
+        {"key": "pruned", "label": "pruned"},
+        {"key": "sub", "label": "a subnetwork", "points": "compressors.multi.subnets.a"},
+    ],
+    "x": {"key": "speed.compressed.latency_ms", "label": "latency (ms)", "measured": True},
+    "y": {"key": "test_acc", "label": "test accuracy (%)", "scale": 100},
+    "reference": {"series": "dense", "label": "dense"},
+}
+
+
+def _timed(acc: float, ms: float) -> dict:
+    return {"test_acc": acc, "speed": {"compressed": {"latency_ms": ms}}}
+
+
+def test_a_measured_x_is_one_marker_per_series_with_error_bars_both_ways(tmp_path):
+    spec = spec_of(tmp_path, FRONTIER_TABLE)
+    points = []
+    for seed, (dense, pruned, sub) in enumerate([((0.90, 10.0), (0.85, 4.0), (0.80, 2.0)),
+                                                 ((0.92, 13.0), (0.87, 5.0), (0.86, 3.0))]):
+        points += tables.read_points(spec, "dense", seed, _timed(*dense))
+        points += tables.read_points(spec, "pruned", seed, _timed(*pruned))
+        # the subnetwork's own accuracy and latency, not those of the run that holds it
+        run = _timed(0.5, 99.0) | {"compressors": {"multi": {"subnets": {"a": _timed(*sub)}}}}
+        points += tables.read_points(spec, "sub", seed, run)
+    cells = tables.aggregate(points)
+    assert {series: list(by_x) for series, by_x in cells.items()} == {"dense": [None], "pruned": [None], "sub": [None]}
+    outcome = tables.Outcome(spec, cells, tables.check_claims(spec, cells), [], [0, 1], "effml reproduce t")
+
+    markers = tables.scatter_markers(outcome)
+    assert [(m.series, m.n, m.reference) for m in markers] == [("dense", 2, True), ("pruned", 2, False), ("sub", 2, False)]
+    expected = {"dense": ([10.0, 13.0], [90.0, 92.0]), "pruned": ([4.0, 5.0], [85.0, 87.0]), "sub": ([2.0, 3.0], [80.0, 86.0])}
+    for m in markers:
+        xs, ys = expected[m.series]
+        assert (m.x, m.x_std) == (pytest.approx(statistics.fmean(xs)), pytest.approx(statistics.stdev(xs)))
+        assert (m.y, m.y_std) == (pytest.approx(statistics.fmean(ys)), pytest.approx(statistics.stdev(ys)))
+
+    # the figure draws exactly these: each errorbar's marker and the ends of its x and y bars
+    from effml.tables.plot import plot
+
+    figure = plot(outcome, tmp_path / "frontier.png")
+    drawn = figure.axes[0].containers
+    assert len(drawn) == len(markers)
+    for container, m in zip(drawn, markers, strict=True):
+        assert container.lines[0].get_xydata().tolist() == [[pytest.approx(m.x), pytest.approx(m.y)]]
+        x_bar, y_bar = (c.get_segments()[0] for c in container.lines[2])
+        assert x_bar.tolist() == [[pytest.approx(m.x - m.x_std), pytest.approx(m.y)],
+                                  [pytest.approx(m.x + m.x_std), pytest.approx(m.y)]]
+        assert y_bar.tolist() == [[pytest.approx(m.x), pytest.approx(m.y - m.y_std)],
+                                  [pytest.approx(m.x), pytest.approx(m.y + m.y_std)]]
+    assert drawn[0].lines[0].get_marker() == "*" and drawn[1].lines[0].get_marker() != "*"
+
+    files = tables.write_outputs(outcome, tmp_path / "out")
+    markdown = files["markdown"].read_text()
+    assert "| series | ours: test accuracy (%) (n) | ours: latency (ms) |" in markdown
+    assert "| a subnetwork | 83.00 ± 4.24 (2) | 2.50 ± 0.71 |" in markdown
+    rows = list(csv.DictReader(files["csv"].open()))
+    assert [(r["series"], r["x"], r["mean"], r["x_std"]) for r in rows] == [
+        ("dense", "11.5", "91", "2.12132"), ("pruned", "4.5", "86", "0.707107"), ("sub", "2.5", "83", "0.707107")]
+    summary = json.loads(files["summary"].read_text())
+    assert summary["x"]["measured"] is True
+    with pytest.raises(ValueError, match="a point in metrics.json has no 'speed'"):
+        tables.read_points(spec, "pruned", 0, {"test_acc": 0.9})  # a run that did not time itself
 
 
 def test_ticks_keep_the_dense_and_the_sparsest_level_and_prefer_ours():
@@ -334,6 +405,9 @@ def test_ticks_keep_the_dense_and_the_sparsest_level_and_prefer_ours():
         ({"claims": [{"name": "c", "kind": "exceeds", "series": "dense", "than": "pruned", "at": "best"}]},
          "at must be one of"),
         ({"points": "a.b"}, "needs an x axis"),
+        ({"points": "a.b", "x": {"key": "ms", "measured": True}}, "needs an x axis (x.key) that is not measured"),
+        ({"x": {"key": "ms", "measured": True}, "reference": {"series": "dense", "x": 3}},
+         "reference.x: only a table with x levels"),
     ],
 )
 def test_bad_spec_is_one_line_naming_the_file(tmp_path, changes, message):
@@ -350,7 +424,7 @@ def test_shipped_tables_are_valid_and_name_existing_recipes():
     assert "lth_lenet" in shipped
     for path in shipped.values():
         spec = tables.load_spec(path)
-        assert len(spec.seeds) >= 3 and (spec.claims or spec.points)  # claims, or a curve to look at
+        assert len(spec.seeds) >= 3 and (spec.claims or spec.points or spec.measured_x)  # claims, or a curve to look at
         for series in spec.series:
             assert (series.recipe or spec.recipe) in recipe_files()
 

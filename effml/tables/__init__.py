@@ -53,6 +53,12 @@ is the handler registered for its type in ``claims.CHECKS``:
 
 Tables without x (one point per run) use the same claims: every series has one cell, x is ignored.
 
+A measured x (``x: {key: speed.compressed.latency_ms, label: ..., measured: true}``) is a quantity
+each run measures itself, different in every seed (its latency), not a level the seeds share: the
+table then groups as one without x (a cell per series, claims as there) and keeps x per run like an
+``also`` quantity; the plot draws each series as one marker at (mean x, mean y) with ±std bars in both
+directions, the reference series as a black star, and the table gives x's mean ± std in a column.
+
 The package: ``spec`` (the spec dataclasses, finding and loading table files), ``cells`` (points
 read from metrics.json, cells), ``claims`` (a dataclass and a check per kind), ``render`` (the
 outcome, its Rich / Markdown / CSV / JSON renders) and ``plot`` (the figure). The names below are
@@ -61,7 +67,7 @@ its public surface: what ``effml reproduce`` (cli/reproduce.py) and its tests us
 
 from effml.tables.cells import Cells, Point, aggregate, read_points, run_device
 from effml.tables.claims import ClaimResult, check_claim, check_claims
-from effml.tables.plot import pick_ticks
+from effml.tables.plot import Marker, pick_ticks, scatter_markers
 from effml.tables.render import (
     Missing,
     Outcome,
@@ -83,5 +89,5 @@ __all__ = [
     "ClaimResult", "check_claim", "check_claims",
     # the outcome and its renders
     "Missing", "Outcome", "incomplete_cells", "rich_table", "claim_lines", "write_outputs",
-    "row_xs", "paper_by_row", "pick_ticks",
+    "row_xs", "paper_by_row", "pick_ticks", "Marker", "scatter_markers",
 ]

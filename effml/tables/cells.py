@@ -73,18 +73,23 @@ def read_points(spec: TableSpec, series: str, seed: int, metrics: Mapping[str, A
             raise ValueError(f"a point in metrics.json has no '{e.args[0]}'") from None
         if isinstance(y, Mapping):  # {"dense": .., "compressed": ..}: the compressed model's value
             y = y.get("compressed")
+        if isinstance(x, Mapping):
+            x = x.get("compressed")
         if y is None or (spec.x and x is None):  # e.g. IMP level 0 has no hamming distance: no point
             continue
-        if spec.x:
+        if spec.levels:
             x = round(grouping_x(x) * spec.x.scale, 9)  # 0.512 × 100 is 51.2, not 51.200000000000003
+        else:  # no x, or a measured one: kept with the also quantities (per_run), the cell is the series'
+            x = None
         points.append(Point(series, seed, x, float(y) * spec.y.scale, also_values(spec, item)))
     return points
 
 
 def also_values(spec: TableSpec, item: Mapping[str, Any]) -> tuple[tuple[str, float], ...]:
-    """The ``also`` quantities of one run, in table units; one the run did not measure is left out."""
+    """The ``per_run`` quantities of one run (a measured x, ``also``), in table units; one the run did
+    not measure is left out."""
     found = []
-    for axis in spec.also:
+    for axis in spec.per_run:
         try:
             value = lookup(item, axis.key)
         except KeyError:

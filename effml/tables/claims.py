@@ -67,7 +67,7 @@ class ExceedsClaim(RangedClaim):
 @dataclass
 class FixedBarClaim(RangedClaim):
     """A claim against a fixed ``value``, on y or, with ``quantity``, on one of the table's ``also`` keys
-    (the sparsity or the speed measured in the same runs as the accuracy)."""
+    or its measured x (the sparsity or the speed measured in the same runs as the accuracy)."""
 
     value: float | None = None
     quantity: str | None = None
@@ -156,7 +156,7 @@ def reaches_problem(claim: ReachesClaim, spec: TableSpec) -> str | None:
         return "reaches needs a tolerance and/or a min_ratio"
     if reference_series(claim, spec) is None:
         return "reaches needs a reference series (in the claim or the table's reference)"
-    if spec.x is not None and reference_x(claim, spec) is None:
+    if spec.levels is not None and reference_x(claim, spec) is None:
         return "reaches needs reference_x (in the claim or the table's reference.x)"
     return None
 
@@ -180,7 +180,7 @@ def below_problem(claim: BelowClaim, spec: TableSpec) -> str | None:
 def bar_problem(claim: FixedBarClaim, spec: TableSpec, what: str) -> str | None:
     if claim.value is None:
         return f"{claim.kind} needs a value ({what}, in table units)"
-    keys = [axis.key for axis in spec.also]
+    keys = [axis.key for axis in spec.per_run]
     if claim.quantity is not None and claim.quantity not in keys:
         return f"quantity '{claim.quantity}' is not one of the table's also keys ({', '.join(keys) or 'none'})"
     return None
@@ -205,7 +205,7 @@ def reference_series(claim: ReachesClaim | RecoversClaim, spec: TableSpec) -> st
 
 
 def reference_x(claim: ReachesClaim | RecoversClaim, spec: TableSpec) -> float | None:
-    if spec.x is None:
+    if spec.levels is None:
         return None
     if claim.reference_x is not None:
         return claim.reference_x
@@ -259,7 +259,7 @@ def check_reaches(claim: ReachesClaim, spec: TableSpec, cells: Cells) -> ClaimRe
                            f"no result for {claim.series}{_range(claim)}")
     best = max(candidates, key=lambda c: c.mean)
     reached = [c for c in candidates if c.mean >= threshold]
-    if reached and spec.x is not None:
+    if reached and spec.levels is not None:
         verdict = "reached at x = " + ", ".join(f"{c.x:g}" for c in reached)
     else:
         verdict = "reached" if reached else "not reached"
@@ -284,7 +284,7 @@ def check_exceeds(claim: ExceedsClaim, spec: TableSpec, cells: Cells) -> ClaimRe
         f" = {diffs[x]:+.{d}f}"
         for x in xs
     )
-    detail = f"{claim.series} − {claim.than}{'' if spec.x is None else f' ({claim.at})'}: {shown}"
+    detail = f"{claim.series} − {claim.than}{'' if spec.levels is None else f' ({claim.at})'}: {shown}"
     if claim.at == "mean" and len(xs) > 1:
         detail += f"; mean {value:+.{d}f}"
     detail += f"; needs >= {claim.margin:+g}"
@@ -317,7 +317,7 @@ def check_below(claim: BelowClaim, spec: TableSpec, cells: Cells) -> ClaimResult
 def _highest_cell_against(claim: AboveClaim | BelowClaim, spec: TableSpec, cells: Cells, word: str, sign: str,
                           passes) -> ClaimResult:
     """The series' highest cell within the x range, held against the claim's fixed ``value``."""
-    axis = next((a for a in spec.also if a.key == claim.quantity), spec.y)
+    axis = next((a for a in spec.per_run if a.key == claim.quantity), spec.y)
     valued = [(c, c.mean if claim.quantity is None else c.also[claim.quantity][0])
               for c in in_range(cells, claim.series, claim.min_x, claim.max_x)
               if claim.quantity is None or claim.quantity in c.also]
@@ -335,7 +335,7 @@ def check_recovers(claim: RecoversClaim, spec: TableSpec, cells: Cells) -> Claim
     (tables without x: "a skeptical student recovers most of what the nasty teacher took")."""
     d = spec.y.decimals
     high_series = reference_series(claim, spec)
-    found = {k: find_cell(cells, k, None if spec.x is None else reference_x(claim, spec))
+    found = {k: find_cell(cells, k, None if spec.levels is None else reference_x(claim, spec))
              for k in (claim.series, claim.than, high_series)}
     missing = [k for k, cell in found.items() if cell is None]
     if missing:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,19 +16,24 @@ if TYPE_CHECKING:
     from effml.tables.spec import Axis
 
 
-def plot(outcome: Outcome, path: Path) -> None:
-    """y vs x, one line per series with a ±std band (like Frankle & Carbin's Fig. 3), or a bar per
-    series for tables without x; the paper's numbers as hollow markers, the reference dashed."""
+def plot(outcome: Outcome, path: Path):
+    """y vs x, one line per series with a ±std band (like Frankle & Carbin's Fig. 3), a bar per series
+    for tables without x, or one marker per series with error bars in x and y for a measured x (accuracy
+    against each run's latency); the paper's numbers as hollow markers, the reference dashed.
+    Returns the matplotlib Figure (saved to ``path``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     spec = outcome.spec
-    figure = Figure(figsize=(7 + 3.5 * len(spec.also), 4.5), layout="constrained")
+    width = 7 + 3.5 * len(spec.also) + (3 if spec.measured_x else 0)  # the scatter's legend sits outside
+    figure = Figure(figsize=(width, 4.5), layout="constrained")
     FigureCanvasAgg(figure)  # the Agg backend, without pyplot's global state
     axes, *extra = figure.subplots(1, 1 + len(spec.also), squeeze=False, width_ratios=[2] + [1] * len(spec.also))[0]
     for panel, axis in zip(extra, spec.also, strict=True):
         _also_bars(panel, outcome, axis)
-    if spec.x is None:
+    if spec.measured_x:
+        _scatter(axes, outcome)
+    elif spec.x is None:
         _bars(axes, outcome)
     else:
         _lines(axes, outcome)
@@ -38,8 +44,62 @@ def plot(outcome: Outcome, path: Path) -> None:
     axes.set_ylabel(spec.y.label or spec.y.key)
     axes.set_title(f"{spec.title}\n{spec.paper}", fontsize=9)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
+    if spec.measured_x:
+        axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:
+        axes.legend(fontsize=7)
     figure.savefig(path, dpi=150)
+    return figure
+
+
+@dataclass(frozen=True)
+class Marker:
+    """One series of a measured-x plot: mean ± std over its seeds of x and of y."""
+
+    series: str
+    label: str
+    x: float
+    x_std: float
+    y: float
+    y_std: float
+    n: int
+    reference: bool  # the table's reference (the dense model): drawn highlighted
+
+
+def scatter_markers(outcome: Outcome) -> list[Marker]:
+    """What a measured-x plot draws, one marker per shown series that has a result, in spec order."""
+    spec, axis = outcome.spec, outcome.spec.measured_x
+    reference = spec.reference.series if spec.reference else None
+    markers = []
+    for s in spec.shown_series:
+        cell = find_cell(outcome.cells, s.key, None)
+        if cell is None or axis.key not in cell.also:
+            continue
+        x, x_std, _ = cell.also[axis.key]
+        markers.append(Marker(s.key, s.label or s.key, x, x_std, cell.mean, cell.std, cell.n, s.key == reference))
+    return markers
+
+
+SHAPES = "os^Dv<>pPXh"  # 11 shapes cycled against 10 colours: no two of the first 110 series look alike
+
+
+def _scatter(axes, outcome: Outcome) -> None:
+    """A marker per series at (mean x, mean y) with ±std bars both ways; the reference a black star."""
+    axis = outcome.spec.measured_x
+    index = {s.key: i for i, s in enumerate(outcome.spec.shown_series)}  # a series keeps its look
+    for m in scatter_markers(outcome):
+        i = index[m.series]
+        style = ({"color": "black", "marker": "*", "markersize": 14, "zorder": 3} if m.reference
+                 else {"color": f"C{i % 10}", "marker": SHAPES[i % len(SHAPES)], "markersize": 7})
+        axes.errorbar(m.x, m.y, xerr=m.x_std, yerr=m.y_std, linestyle="none", capsize=3,
+                      label=f"{m.label} (n={m.n})", **style)
+        if m.reference:
+            axes.axvline(m.x, color="black", linestyle=":", linewidth=1)
+    if axis.log:
+        axes.set_xscale("log")
+    if axis.reverse:
+        axes.invert_xaxis()
+    axes.set_xlabel(f"{axis.label or axis.key} (mean ± std over seeds)")
 
 
 def _lines(axes, outcome: Outcome) -> None:

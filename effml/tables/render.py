@@ -27,12 +27,12 @@ PAPER_X_MATCH = 0.05  # a paper number sits in our row whose x is within 5% of t
 
 def row_xs(spec: TableSpec, cells: Cells) -> list[float | None]:
     """The table's rows: every x we measured, plus the paper's x values that match none of ours."""
-    if spec.x is None:
+    if spec.levels is None:
         return [None]
     ours = {x for by_x in cells.values() for x in by_x if x is not None}
     paper = spec.paper_values().values()
     theirs = {x for by_x in paper for x in by_x if x is not None and match_x(x, ours) is None}
-    return sorted(ours | theirs, reverse=spec.x.reverse)
+    return sorted(ours | theirs, reverse=spec.levels.reverse)
 
 
 def match_x(x: float, candidates: Iterable[float]) -> float | None:
@@ -47,7 +47,7 @@ def paper_by_row(spec: TableSpec, rows: list[float | None]) -> dict[str, dict[fl
     xs = [x for x in rows if x is not None]
     for series, by_x in spec.paper_values().items():
         for x, y in by_x.items():
-            row = None if x is None or spec.x is None else match_x(x, xs)
+            row = None if x is None or spec.levels is None else match_x(x, xs)
             placed.setdefault(series, {})[row] = y
     return placed
 
@@ -111,12 +111,12 @@ def cell_text(cell: Cell | None, decimals: int) -> str:
 def grid(outcome: Outcome) -> tuple[list[str], list[list[str]]]:
     """Header and rows shared by the Rich and the Markdown table.
 
-    With an x axis: a row per x, a column per series (ours, and the paper's beside it where given).
-    Without: a row per series.
+    With x levels: a row per x, a column per series (ours, and the paper's beside it where given).
+    Without (or with a measured x, a column then): a row per series.
     """
     xs = row_xs(outcome.spec, outcome.cells)
     paper = paper_by_row(outcome.spec, xs)
-    if outcome.spec.x is None:
+    if outcome.spec.levels is None:
         return _grid_by_series(outcome, paper)
     return _grid_by_x(outcome, xs, paper)
 
@@ -124,14 +124,14 @@ def grid(outcome: Outcome) -> tuple[list[str], list[list[str]]]:
 def _grid_by_series(outcome: Outcome, paper: dict[str, dict[float | None, float]]):
     spec, d = outcome.spec, outcome.spec.y.decimals
     header = ["series", f"ours: {spec.y.label or spec.y.key} (n)"] + (["paper"] if paper else [])
-    header += [axis.label or axis.key for axis in spec.also]
+    header += [f"ours: {axis.label or axis.key}" if axis is spec.x else axis.label or axis.key for axis in spec.per_run]
     rows = []
     for s in spec.shown_series:
         row = [s.label or s.key, series_cell_text(outcome, s.key, None)]
         if paper:
             row.append(_paper_text(paper.get(s.key, {}).get(None), d))
         cell = find_cell(outcome.cells, s.key, None)
-        row += [_also_text(cell, axis) for axis in spec.also]
+        row += [_also_text(cell, axis) for axis in spec.per_run]
         rows.append(row)
     return header, rows
 
@@ -178,7 +178,7 @@ def rich_table(outcome: Outcome) -> Table:
     caption = f"{spec.paper}; ours: mean ± std over seeds {_seeds(outcome.seeds)} (n runs)"
     table = Table(title=Text.assemble(spec.title, "\n", (caption, "dim")))
     for i, column in enumerate(header):
-        table.add_column(column, justify="left" if i == 0 and spec.x is None else "right",
+        table.add_column(column, justify="left" if i == 0 and spec.levels is None else "right",
                          style="dim" if column == "paper" else None)
     for row in rows:
         table.add_row(*(Text(cell, style="red" if cell == "failed" else "") for cell in row))
@@ -224,22 +224,27 @@ def markdown(outcome: Outcome) -> str:
 
 
 def long_csv(outcome: Outcome) -> str:
-    """series,x,mean,std,n,paper: one line per (series, x) with ours and/or the paper's number."""
+    """series,x,mean,std,n,paper: one line per (series, x) with ours and/or the paper's number; with a
+    measured x, x is its mean over the seeds and x_std its std (the last column)."""
     spec, cells = outcome.spec, outcome.cells
     rows = row_xs(spec, cells)
     paper = paper_by_row(spec, rows)
+    measured = spec.measured_x
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["series", "x", "mean", "std", "n", "paper"])
+    writer.writerow(["series", "x", "mean", "std", "n", "paper"] + (["x_std"] if measured else []))
     for s in spec.shown_series:
         for x in rows:
             cell = find_cell(cells, s.key, x)
             published = paper.get(s.key, {}).get(x)
             if cell is None and published is None:
                 continue
-            writer.writerow([s.key, "" if x is None else f"{x:g}",
+            x_mean, x_std = (cell.also[measured.key][:2] if measured and cell and measured.key in cell.also
+                             else (x, None))
+            writer.writerow([s.key, "" if x_mean is None else _csv(x_mean) if measured else f"{x_mean:g}",
                              *(("", "", 0) if cell is None else (_csv(cell.mean), _csv(cell.std), cell.n)),
-                             "" if published is None else _csv(published)])
+                             "" if published is None else _csv(published),
+                             *([("" if x_std is None else _csv(x_std))] if measured else [])])
     return out.getvalue()
 
 

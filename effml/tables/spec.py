@@ -25,6 +25,9 @@ class Axis:
     log: bool = False  # plot on a log scale
     reverse: bool = False  # decreasing to the right in the plot, top to bottom in the table
     decimals: int = 2
+    # x only: a quantity each run measures itself (its latency), which differs from seed to seed, so
+    # a series is one point (mean ± std of x and of y over seeds), not a line over shared x levels
+    measured: bool = False
 
 
 @dataclass
@@ -68,7 +71,7 @@ class TableSpec:
     x: Axis | None = None
     points: str | None = None
     # More quantities each run measured, shown beside y (a column each, a panel each in the plot):
-    # the dropped tokens and the speed beside the loss, say. Tables without x only.
+    # the dropped tokens and the speed beside the loss, say. Tables without x (or with a measured x) only.
     also: list[Axis] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     overrides: list[str] = field(default_factory=list)
@@ -78,6 +81,22 @@ class TableSpec:
     # OmegaConf cannot type a list of several dataclasses, hence Any.
     claims: list[Any] = field(default_factory=list)
     name: str = ""  # the file's stem
+
+    @property
+    def levels(self) -> Axis | None:
+        """The x that groups points into cells (levels every seed shares: weights remaining, a budget);
+        None for tables without x and for a measured x, whose cells are one per series."""
+        return self.x if self.x is not None and not self.x.measured else None
+
+    @property
+    def measured_x(self) -> Axis | None:
+        """A measured x (each run's own latency, say): kept per run like an ``also`` quantity."""
+        return self.x if self.x is not None and self.x.measured else None
+
+    @property
+    def per_run(self) -> list[Axis]:
+        """The quantities aggregated per cell beside y: a measured x first, then ``also``."""
+        return ([self.x] if self.measured_x else []) + list(self.also)
 
     @property
     def shown_series(self) -> list[Series]:
@@ -140,10 +159,12 @@ def spec_problem(spec: TableSpec) -> str | None:
         return f"series: keys must be unique; got {', '.join(keys)}"
     if not spec.seeds:
         return "seeds: needs at least one seed"
-    if spec.x is None and spec.points:
-        return "points: a list of points per run needs an x axis (x.key)"
-    if spec.also and spec.x is not None:
-        return "also: extra quantities are shown for tables without x only"
+    if spec.levels is None and spec.points:
+        return "points: a list of points per run needs an x axis (x.key) that is not measured"
+    if spec.also and spec.levels is not None:
+        return "also: extra quantities are shown for tables without x (or with a measured x) only"
+    if spec.reference and spec.reference.x is not None and spec.levels is None:
+        return "reference.x: only a table with x levels (an x that is not measured) has one"
     shown = [s.key for s in spec.shown_series]
     if not shown:
         return "series: needs at least one series that is not a prerequisite"
