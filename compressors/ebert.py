@@ -120,8 +120,8 @@ class Predictors(nn.Module):
 
     def __init__(self, layers: list[nn.Module], hidden: int, width: int, gate_init: float):
         super().__init__()
-        self.heads = nn.ModuleList(Predictor(hidden, width, surgery.num_heads(l), gate_init) for l in layers)
-        self.ffn = nn.ModuleList(Predictor(hidden, width, surgery.ffn_width(l), gate_init) for l in layers)
+        self.heads = nn.ModuleList(Predictor(hidden, width, surgery.num_heads(layer), gate_init) for layer in layers)
+        self.ffn = nn.ModuleList(Predictor(hidden, width, surgery.ffn_width(layer), gate_init) for layer in layers)
 
 
 def summary(hidden: Tensor, index: int, padding: Tensor | None) -> Tensor:
@@ -419,7 +419,7 @@ class EBERT(Compressor):
             ratio += float(flops_ratio(self.layers, self.masks, self.tokens).sum())
             samples += inputs["input_ids"].shape[0]
             counts = [[h.sum(0).cpu(), c.sum(0).cpu()] for h, c in self.masks]
-            kept = counts if kept is None else [[a + b for a, b in zip(x, y)] for x, y in zip(kept, counts)]
+            kept = counts if kept is None else [[a + b for a, b in zip(x, y, strict=True)] for x, y in zip(kept, counts, strict=True)]
         if not samples:
             return {"flops_ratio_encoder": None, "stats_samples": 0, "masks": None}
         self.kept_frequency = [[k / samples for k in layer] for layer in kept]
