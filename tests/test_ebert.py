@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from conftest import TINY, metrics_of, one_line_error, smoke_args
-from effml.compressors.ebert import EBERT, EBERTConfig, SkippingBert, flops_ratio, gumbel_gate, mask_statistics
+from effml.compressors.ebert import (
+    EBERT,
+    EBERTConfig,
+    SkippingBert,
+    flops_ratio,
+    gumbel_gate,
+    mask_statistics,
+)
 from effml.data import DataInfo
 from effml.errors import EffmlError
 from effml.measure import count_flops
