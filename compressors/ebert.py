@@ -51,7 +51,7 @@ from effml.compressors.base import Compressor, CompressorConfig, RunContext, Smo
 from effml.errors import EffmlError
 from effml.models import bert_surgery as surgery
 from effml.registry import COMPRESSORS
-from effml.task import split_batch
+from effml.task import move_to_own_group, split_batch
 
 PREDICTORS = "ebert_predictors"  # the attribute (and state-dict prefix) of the predictors on the model
 LATENCY_BATCHES = (1, 32)
@@ -522,16 +522,7 @@ def predictors_in_own_group(task, base_lr: float):
         elsewhere = {id(p) for g in optimizer.param_groups[1:] for p in g["params"]}
         mine = [p for n, p in predictors.named_parameters()
                 if id(p) not in elsewhere and not n.endswith("mask_scores")]
-        ids = {id(p) for p in mine}
-        group, lr = optimizer.param_groups[0], base_lr * task.lr_scale
-        group["params"] = [p for p in group["params"] if id(p) not in ids]
-        optimizer.add_param_group({"params": mine, "lr": lr, "weight_decay": 0.0})
-        if isinstance(configured, dict):  # a LambdaLR: the same factor for the new group
-            schedule = configured["lr_scheduler"]["scheduler"]
-            optimizer.param_groups[-1]["initial_lr"] = lr
-            schedule.base_lrs.append(lr)
-            schedule.lr_lambdas.append(schedule.lr_lambdas[0])
-            optimizer.param_groups[-1]["lr"] = lr * schedule.lr_lambdas[0](schedule.last_epoch)
+        move_to_own_group(configured, mine, base_lr * task.lr_scale)
         return configured
 
     return configure_optimizers

@@ -57,6 +57,7 @@ from effml.compressors.magnitude import cubic_sparsity
 from effml.errors import EffmlError
 from effml.models import bert_surgery as surgery
 from effml.registry import COMPRESSORS
+from effml.task import move_to_own_group
 
 Method = choice("Method", "hard soft")  # hard: top-k of the scores per layer; soft: σ(S) > τ with L1 on σ(S)
 Granularity = choice("Granularity", "weight row_col")  # a score per weight, or per head / FFN channel
@@ -403,20 +404,9 @@ def scores_in_own_group(task, base_score_lr: float):
 
     def configure_optimizers():
         configured = original()
-        optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
-        group, score_lr = optimizer.param_groups[0], base_score_lr * task.lr_scale
         scores = [p for n, p in task.model.named_parameters() if n.endswith("mask_scores") and p.requires_grad]
-        if not scores:  # a teacher's own stage, or the scores already folded in
-            return configured
-        ids = {id(p) for p in scores}
-        group["params"] = [p for p in group["params"] if id(p) not in ids]
-        optimizer.add_param_group({"params": scores, "lr": score_lr, "weight_decay": 0.0})
-        if isinstance(configured, dict):  # a LambdaLR: the same factor for the new group
-            schedule = configured["lr_scheduler"]["scheduler"]
-            optimizer.param_groups[-1]["initial_lr"] = score_lr
-            schedule.base_lrs.append(score_lr)
-            schedule.lr_lambdas.append(schedule.lr_lambdas[0])
-            optimizer.param_groups[-1]["lr"] = score_lr * schedule.lr_lambdas[0](schedule.last_epoch)
+        if scores:  # none in a teacher's own stage, or once the scores are folded in
+            move_to_own_group(configured, scores, base_score_lr * task.lr_scale)
         return configured
 
     return configure_optimizers

@@ -108,6 +108,23 @@ class Task(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+def move_to_own_group(configured, params: list, lr: float) -> None:
+    """Move ``params`` out of the first parameter group of ``configure_optimizers``'s result into a group
+    of their own: ``lr``, no weight decay, and the same lr schedule (a LambdaLR's factor) as the rest.
+    Movement's scores and EBERT's predictors train so (Sanh et al.'s and Liu et al.'s second group)."""
+    optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+    ids = {id(p) for p in params}
+    first = optimizer.param_groups[0]
+    first["params"] = [p for p in first["params"] if id(p) not in ids]
+    optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
+    if isinstance(configured, dict):  # a LambdaLR: the same factor for the new group
+        schedule = configured["lr_scheduler"]["scheduler"]
+        optimizer.param_groups[-1]["initial_lr"] = lr
+        schedule.base_lrs.append(lr)
+        schedule.lr_lambdas.append(schedule.lr_lambdas[0])
+        optimizer.param_groups[-1]["lr"] = lr * schedule.lr_lambdas[0](schedule.last_epoch)
+
+
 class ClassificationTask(Task):
     """Cross-entropy (with ``label_smoothing`` in training) and accuracy."""
 
