@@ -74,7 +74,7 @@ def test_removing_heads_and_neurons_computes_what_zero_gates_compute(minilm, tmp
     surgery.save_pruned(model, tmp_path / "ticket")
     assert surgery.saved_structure(tmp_path / "ticket").heads == heads
     reloaded = BertClassifier.from_config(BertClassifierConfig(pretrained=str(tmp_path / "ticket")), DataInfo(2, "text"))
-    reloaded.load_state_dict(torch.load(tmp_path / "ticket" / "head.pt"), strict=False)
+    reloaded.load_state_dict(torch.load(tmp_path / "ticket" / "head.pt", weights_only=True), strict=False)
     assert torch.allclose(logits(reloaded), logits(model), atol=1e-6)
     encoder = surgery.load_pruned(tmp_path / "ticket")
     assert sum(p.numel() for p in encoder.parameters()) == sum(p.numel() for p in model.bert.parameters())

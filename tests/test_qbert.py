@@ -220,7 +220,7 @@ def test_run_end_to_end_stores_its_sensitivity_once_and_plots_it(effml, tmp_path
     assert {b: round(a["eigenvalue"]["mean"], 6) for b, a in analysis.items()} == \
         {b: round(r["eigenvalue_mean"], 6) for b, r in report["blocks"].items()}
     # the weights are on their grids: at most 2^b − 1 levels per group of rows
-    weights = torch.load(run / "model.pt")
+    weights = torch.load(run / "model.pt", weights_only=True)
     w = weights["bert.encoder.layer.0.attention.self.query.weight"]
     bits = report["allocation"]["bert.encoder.layer.0"]
     assert all(len(group.unique()) <= 2**bits - 1 for group in w.reshape(32, -1))

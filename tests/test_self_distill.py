@@ -232,7 +232,7 @@ def test_a_run_reports_every_classifier_and_dynamic_inference(effml, tmp_path):
         if b["feasible"]:
             assert b["val_flops_fraction"] <= b["budget"] + 1e-6
     assert (run / "self_distill_dynamic.png").stat().st_size > 10_000
-    saved = torch.load(run / "self_distill_exits.pt")
+    saved = torch.load(run / "self_distill_exits.pt", weights_only=True)
     assert saved["exits"] == ["layer1", "layer2"] and len(saved["thresholds"]) == 3
-    assert not any(k.startswith(HEADS) for k in torch.load(run / "model.pt"))
+    assert not any(k.startswith(HEADS) for k in torch.load(run / "model.pt", weights_only=True))
     assert json.loads((run / "metrics.json").read_text())["compressors"]["self_distill"]["finalized"].startswith("plain")

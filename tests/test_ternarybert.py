@@ -230,7 +230,7 @@ def test_lat_run_end_to_end_exports_and_resumes_its_stage_exactly(effml, tmp_pat
     end = torch.load(run / "stages/01_train/end.pt", weights_only=False)["model"]
     curvature = [v for k, v in end.items() if k.endswith("weight_quantizer.curvature")]
     assert curvature and not all(torch.equal(c, torch.ones_like(c)) for c in curvature)  # d came from Adam
-    weights = torch.load(run / "model.pt")
+    weights = torch.load(run / "model.pt", weights_only=True)
     # the export reloads into a plain model of the run's architecture (its weights scrambled first)
     from effml.paths import RunDir
     from effml.teachers import load_run
@@ -250,7 +250,7 @@ def test_lat_run_end_to_end_exports_and_resumes_its_stage_exactly(effml, tmp_pat
         (run / f).unlink()
     code, _, err = effml("train", *RUN, "compressor.method=lat")
     assert code == 0, err
-    again = torch.load(run / "model.pt")
+    again = torch.load(run / "model.pt", weights_only=True)
     assert all(torch.equal(weights[k], again[k]) for k in weights)
 
 

@@ -249,7 +249,7 @@ def test_stages_run_end_to_end_and_resume_to_the_same_weights(effml, tmp_path):
     assert report["projection_params"] == 2 * (64 * 32 + 64)
     assert m["speed_reference"] == "teacher" and m["speed"]["compressed"]["params"] < m["speed"]["dense"]["params"]
     run = next((tmp_path / "outputs").rglob("metrics.json")).parent
-    weights = torch.load(run / "model.pt")
+    weights = torch.load(run / "model.pt", weights_only=True)
     assert not any(PROJECTION in k for k in weights)  # W_e, W_h do not ship with the student
     assert any(PROJECTION in k for k in torch.load(run / "stages/02_intermediate/end.pt", weights_only=False)["model"])
 
@@ -260,7 +260,7 @@ def test_stages_run_end_to_end_and_resume_to_the_same_weights(effml, tmp_path):
     (run / "model.pt").unlink()
     code, _, err = effml("train", *RUN, general_cfg, "compressor.general_epochs=1")
     assert code == 0, err
-    resumed = torch.load(run / "model.pt")
+    resumed = torch.load(run / "model.pt", weights_only=True)
     assert all(torch.equal(weights[k], resumed[k]) for k in weights)
 
 
