@@ -21,6 +21,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cor
 # Kernel timings are cached per machine (effml.kernels.select); tests measure into their own cache.
 os.environ.setdefault("EFFML_KERNEL_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"effml-test-kernels-{os.getpid()}.json"))
 
+@pytest.fixture
+def one_thread():
+    """torch at one thread for the test, restored after it. Tiny models on a shared 2-core machine: one
+    intra-op thread is ~9x faster than two that wait on each other (8 s vs 74 s for TinyBERT's end-to-end
+    run under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # A run that exercises every stage on real data in seconds: few examples, few batches.
 TINY = [
     "data.train_subset=512",

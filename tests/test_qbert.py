@@ -27,13 +27,7 @@ from effml.data import DataInfo
 from effml.errors import EffmlError
 from effml.models.bert import BertClassifier, BertClassifierConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread, as the runs use
 
 
 def quadratic(seed: int, n: int = 12) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:

@@ -23,14 +23,6 @@ OLD_RUN = ["train", "recipe=magnitude_lenet", "compressor.schedule=oneshot", "da
            "trainer.max_epochs=2", "compressor.finetune_epochs=3", "trainer.progress_bar=off", "measure.enabled=false"]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.e2e
 def test_a_run_dir_of_an_older_effml_resumes_to_that_version_s_result(effml, tmp_path, one_thread):
     shutil.copytree(OLD, tmp_path / "old")
