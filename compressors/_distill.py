@@ -80,7 +80,7 @@ class Distiller(Compressor):
         return [Stage("train", owner=self.name, role="plain")]
 
     def prepare(self, ctx: RunContext, datamodule) -> None:
-        self.teacher_module = build_teacher(self.cfg.teacher, datamodule, ctx.output_root, ctx.seed)
+        self.teacher_module = build_teacher(self.cfg.teacher, datamodule, ctx.output_root, ctx.seed, ctx.data)
         self.use_teacher(datamodule)
 
     def use_teacher(self, datamodule, without_logits: str = "") -> None:

@@ -414,7 +414,7 @@ class Quantizer(Compressor):
     def load_trained(self, ctx: RunContext, datamodule) -> None:
         """The finished model's weights into this one (observer buffers left as they are)."""
         state, where, _ = trained_state(self.cfg.weights, ctx.output_root, ctx.seed, datamodule.info,
-                                        "trained model")
+                                        "trained model", ctx.data)
         state = plain_keys_to_wrapped(state, self.layers)
         load_weights(self.model, {**observer_state(self.model), **state}, where, "trained model")
 

@@ -190,7 +190,7 @@ class ActSparsity(Compressor):
         self.measure_batch = ctx.measure.batch_size
         if self.cfg.weights.source != "none":
             state, where, run_dir = trained_state(self.cfg.weights, ctx.output_root, ctx.seed, datamodule.info,
-                                                  "trained model")
+                                                  "trained model", ctx.data)
             state = {self.site_key(k): v for k, v in state.items()}
             own = {k: v for k, v in self.model.state_dict().items() if k.endswith(".threshold") and self.is_site_key(k)}
             load_weights(self.model, {**state, **own}, where, "trained model")

@@ -424,7 +424,7 @@ class AutoReP(Compressor):
     def load_dense_weights(self, ctx: RunContext, datamodule) -> None:
         """The trained dense model's weights; this run's own buffers (indicators, coefficients) stay."""
         state, where, run_dir = trained_state(self.cfg.weights, ctx.output_root, ctx.seed, datamodule.info,
-                                              "dense model")
+                                              "dense model", ctx.data)
         own = {k: v for k, v in self.model.state_dict().items()
                if any(k.startswith(f"{path}.") for path in self.sites)}
         load_weights(self.model, {**state, **own}, where, "dense model")

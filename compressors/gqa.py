@@ -209,7 +209,7 @@ class GroupedQueryAttention(Compressor):
 
     def load_multi_head(self, ctx: RunContext, datamodule: Any) -> None:
         """The finished MHA run's weights, its K/V heads mean-pooled (§2.1)."""
-        state, where, _ = trained_state(self.cfg.init_from, ctx.output_root, ctx.seed, datamodule.info, WHO)
+        state, where, _ = trained_state(self.cfg.init_from, ctx.output_root, ctx.seed, datamodule.info, WHO, ctx.data)
         head_dim = self.model.blocks()[0].self_attn.head_dim
         k_rows = next((v.shape[0] for k, v in state.items() if k.endswith("self_attn.k_proj.weight")), None)
         if k_rows != self.kv_before * head_dim:

@@ -377,7 +377,7 @@ class NMSparsity(Compressor):
     def load_dense_weights(self, ctx: RunContext, datamodule) -> None:
         """The trained dense model's weights into this run's (still unmasked) layers."""
         state, where, run_dir = trained_state(self.cfg.weights, ctx.output_root, ctx.seed,
-                                              datamodule.info, WHO)
+                                              datamodule.info, WHO, ctx.data)
         self.dense_test_acc = finished_test_acc(run_dir) if run_dir else None
         for name, module in self.layers.items():  # the plain model's keys → this run's masked ones
             if f"{name}.weight" in state:

@@ -163,7 +163,7 @@ class SwitchMoE(Compressor):
         """Load a finished dense run into the model, each of its FFNs into every expert of its block."""
         from effml.registry import MODELS
 
-        state, where, _ = trained_state(self.cfg.init_from, ctx.output_root, ctx.seed, datamodule.info, WHO)
+        state, where, _ = trained_state(self.cfg.init_from, ctx.output_root, ctx.seed, datamodule.info, WHO, ctx.data)
         dense = MODELS.get(ctx.model.name).target.from_config(ctx.model, datamodule.info)
         load_weights(dense, state, where, WHO)
         shared = {k: v for k, v in state.items() if not any(f".layers.{i}.mlp." in k for i in self.blocks)}

@@ -276,7 +276,7 @@ class TinyBERT(Distiller):
     @staticmethod
     def build(cfg: TeacherConfig, kind: str, ctx: RunContext, datamodule) -> nn.Module:
         try:
-            return build_teacher(cfg, datamodule, ctx.output_root, ctx.seed)
+            return build_teacher(cfg, datamodule, ctx.output_root, ctx.seed, ctx.data)
         except EffmlError as err:  # effml.teachers names compressor.teacher in its messages
             raise EffmlError(str(err).replace("compressor.teacher", f"compressor.{kind}")) from None
 

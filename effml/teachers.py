@@ -6,8 +6,9 @@ A teacher is named in a distillation compressor's config (``compressor.teacher``
   from ``teacher.model``, e.g. ``{name: conv, depth: 6}``); resumable like every stage;
 - ``source: run`` — a finished effml run directory (``path``): its ``config.yaml`` gives the
   architecture, its ``model.pt`` (or ``model/`` export of a structurally pruned BERT) the weights;
-- ``source: recipe`` — the finished run of ``recipe`` (``seed``, default the student's; ``hash`` when
-  more than one configuration of the recipe has finished);
+- ``source: recipe`` — the finished run of ``recipe`` (``seed``, default the student's). When several
+  configurations of the recipe finished, the one trained on the student's data with the recipe's own
+  compressor is taken; ``hash`` names any other;
 - ``source: checkpoint`` — a ``.ckpt`` (Lightning) or ``.pt`` (state dict, or an effml ``end.pt``)
   file at ``path``, architecture from ``teacher.model``;
 - ``source: hf`` — a Hugging Face sequence classifier (hub id or directory at ``path``; ``minilm_l6``
@@ -21,6 +22,7 @@ are removed when the tap closes.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,8 +75,10 @@ class TeacherConfig:
 
 
 # -- loading ---------------------------------------------------------------------------------
-def build_teacher(cfg: TeacherConfig, datamodule, output_root: str | Path = "outputs", seed: int = 0) -> nn.Module:
-    """The teacher module for ``cfg`` (trainable for ``stage``, frozen otherwise); one-line errors."""
+def build_teacher(cfg: TeacherConfig, datamodule, output_root: str | Path = "outputs", seed: int = 0,
+                  data: Any = None) -> nn.Module:
+    """The teacher module for ``cfg`` (trainable for ``stage``, frozen otherwise); one-line errors.
+    ``data`` is the asking run's data config, which picks among several configs of a recipe."""
     cfg.check_complete()
     if cfg.source == "stage":
         return build_model(cfg.model, datamodule.info)
@@ -84,7 +88,7 @@ def build_teacher(cfg: TeacherConfig, datamodule, output_root: str | Path = "out
         model = build_model(cfg.model, datamodule.info)
         load_weights(model, read_state_dict(Path(cfg.path)), cfg.path)
         return frozen(model)
-    run = RunDir(Path(cfg.path)) if cfg.source == "run" else find_recipe_run(cfg, output_root, seed)
+    run = RunDir(Path(cfg.path)) if cfg.source == "run" else find_recipe_run(cfg, output_root, seed, data=data)
     return frozen(load_run(run, datamodule.info))
 
 
@@ -116,8 +120,10 @@ def load_run(run: RunDir, info, who: str = "teacher") -> nn.Module:
 
 
 def find_recipe_run(cfg: TeacherConfig, output_root: str | Path, seed: int, who: str = "teacher",
-                    field: str = "teacher") -> RunDir:
-    """The finished run of ``cfg.recipe`` (``field`` is where ``cfg`` sits in the config, for the hint)."""
+                    field: str = "teacher", data: Any = None) -> RunDir:
+    """The finished run of ``cfg.recipe`` (``field`` is where ``cfg`` sits in the config, for the hint).
+    When several configs of the recipe finished, ``data`` (the asking run's data config) picks the
+    one trained on the same data with the recipe's own compressor (``recipe_as_written``)."""
     seed = seed if cfg.seed is None else cfg.seed
     runs = runs_of(output_root, cfg.recipe, seed, cfg.hash)
     if not runs:
@@ -125,10 +131,36 @@ def find_recipe_run(cfg: TeacherConfig, output_root: str | Path, seed: int, who:
             f"{who}: no finished run of recipe {cfg.recipe} (seed {seed}) under {output_root}/{cfg.recipe}; "
             f"train it first: effml train recipe={cfg.recipe} seed={seed}"
         )
+    if len(runs) > 1 and data is not None:
+        runs = recipe_as_written(runs, data)
     if len(runs) > 1:
         hashes = ", ".join(r.hash for r in runs)
         raise EffmlError(f"{who}: recipe {cfg.recipe} has finished runs of several configs ({hashes}); set {field}.hash")
     return runs[0]
+
+
+def recipe_as_written(runs: list[RunDir], data: Any) -> list[RunDir]:
+    """Of several finished configs of one recipe, those trained on ``data`` (by identity), and of
+    those, the ones whose command left the recipe's compressor alone. A table's runs share one outputs
+    folder: its QAT series must load the plain fine-tuned ``bert_finetune``, not the magnitude-pruned
+    ``bert_finetune compressor=magnitude`` of another series, nor one fine-tuned on other data."""
+    from effml.identity import non_default_values
+
+    want = json.dumps(non_default_values(data), sort_keys=True)
+    same_data = [r for r in runs if json.dumps(_record(r).get("identity", {}).get("data"), sort_keys=True) == want]
+    as_written = [r for r in same_data if not any(_sets_compressor(word) for word in _record(r).get("command", "").split())]
+    return as_written or same_data or runs
+
+
+def _record(run: RunDir) -> dict:
+    try:
+        return json.loads(run.run_record.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _sets_compressor(override: str) -> bool:
+    return override.lstrip("+~").startswith(("compressor=", "compressor.", "compose.", "compose="))
 
 
 def read_state_dict(path: Path, who: str = "teacher") -> dict[str, Tensor]:
@@ -309,11 +341,11 @@ class TrainedWeightsConfig:
 
 
 def trained_state(cfg: TrainedWeightsConfig, output_root: str | Path, seed: int, info,
-                  who: str) -> tuple[dict[str, torch.Tensor], str, RunDir | None]:
+                  who: str, data: Any = None) -> tuple[dict[str, torch.Tensor], str, RunDir | None]:
     """The state dict of the model ``cfg`` names, where it came from, and its run directory (None
     for a checkpoint); ``who`` names it in errors ("dense model", "trained model")."""
     if cfg.source == "checkpoint":
         return read_state_dict(Path(cfg.path), who), cfg.path, None
-    run = RunDir(Path(cfg.path)) if cfg.source == "run" else find_recipe_run(cfg, output_root, seed, who, "compressor.weights")
+    run = RunDir(Path(cfg.path)) if cfg.source == "run" else find_recipe_run(cfg, output_root, seed, who, "compressor.weights", data)
     return load_run(run, info, who).state_dict(), str(run.path), run
 

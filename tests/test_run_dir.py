@@ -72,3 +72,31 @@ def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp
     with pytest.raises(AttributeError):
         atomic_save({"x": lambda: None}, path)  # a lambda does not pickle: the write fails midway
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_a_recipe_lookup_picks_the_config_trained_on_the_asking_runs_data_as_written(tmp_path):
+    """A table's runs share one outputs folder: Q-BERT's QAT series must load the plain fine-tuned
+    bert_finetune, not another series' `bert_finetune compressor=magnitude`, nor one on other data."""
+    from effml.data._base import DataConfig
+    from effml.errors import EffmlError
+    from effml.identity import non_default_values
+    from effml.teachers import TeacherConfig, find_recipe_run
+
+    subset, full = DataConfig(name="rt", train_subset=2000), DataConfig(name="rt")
+    made = {}
+    for config_hash, data, command in (("plain2k", subset, "recipe=bert_finetune data.train_subset=2000"),
+                                       ("magn2k", subset, "recipe=bert_finetune compressor=magnitude data.train_subset=2000"),
+                                       ("plainall", full, "recipe=bert_finetune")):
+        run = made[config_hash] = RunDir.of(tmp_path, "bert_finetune", config_hash, 0)
+        record = {"identity": {"data": non_default_values(data)}, "command": f"effml train -m {command} seed=0"}
+        atomic_write_text(run.run_record, json.dumps(record))
+        atomic_write_text(run.metrics, "{}")
+    teacher = TeacherConfig(source="recipe", recipe="bert_finetune")
+    assert find_recipe_run(teacher, tmp_path, 0, data=subset) == made["plain2k"]
+    assert find_recipe_run(teacher, tmp_path, 0, data=full) == made["plainall"]
+    with pytest.raises(EffmlError, match="several configs .*magn2k.*plain2k.*plainall.*; set teacher.hash"):
+        find_recipe_run(teacher, tmp_path, 0, data=DataConfig(name="rt", train_subset=500))  # none fits: all named
+    with pytest.raises(EffmlError, match="several configs"):
+        find_recipe_run(teacher, tmp_path, 0)  # nothing to choose by
+    assert find_recipe_run(TeacherConfig(source="recipe", recipe="bert_finetune", hash="magn2k"), tmp_path, 0,
+                           data=subset) == made["magn2k"]  # a hash still names any one
