@@ -74,7 +74,7 @@ def test_removing_heads_and_neurons_computes_what_zero_gates_compute(minilm, tmp
     surgery.save_pruned(model, tmp_path / "ticket")
     assert surgery.saved_structure(tmp_path / "ticket").heads == heads
     reloaded = BertClassifier.from_config(BertClassifierConfig(pretrained=str(tmp_path / "ticket")), DataInfo(2, "text"))
-    reloaded.load_state_dict(torch.load(tmp_path / "ticket" / "head.pt", weights_only=True), strict=False)
+    reloaded.load_state_dict(surgery.load_head(tmp_path / "ticket"), strict=False)
     assert torch.allclose(logits(reloaded), logits(model), atol=1e-6)
     encoder = surgery.load_pruned(tmp_path / "ticket")
     assert sum(p.numel() for p in encoder.parameters()) == sum(p.numel() for p in model.bert.parameters())
@@ -203,7 +203,7 @@ def test_earlybert_end_to_end_reports_a_smaller_faster_ticket(effml, tmp_path):
     assert "train_speedup" in speed and "speedup" in speed
     export = Path(report["export"])
     assert surgery.saved_structure(export).ffn == report["ffn_per_layer"]
-    assert (export / "head.pt").exists() and (export / "tokenizer.json").exists()
+    assert (export / surgery.HEAD_FILE).exists() and (export / "tokenizer.json").exists()
     # the ticket is a model of its own: fine-tune it again from its export
     shared = [a for a in TOY if not a.startswith(("recipe=", "compressor."))]
     code, out, err = effml("train", *shared, "recipe=bert_finetune", f"model.pretrained={export}",

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from effml.errors import EffmlError
 
 STRUCTURE_KEY = "effml_structure"  # in config.json of an exported pruned model
+HEAD_FILE = "head.safetensors"  # the task head of a pruned export (safetensors: loading runs no code)
 
 
 # -- anatomy ---------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ def quiet_transformers():
 
 def save_pruned(model: nn.Module, directory: Path) -> None:
     """``model.bert.save_pretrained`` with the per-layer structure recorded in config.json, and the
-    task head (everything outside ``bert``) in ``head.pt``."""
+    task head (everything outside ``bert``) in ``head.safetensors`` (``load_head``)."""
     directory, structure, encoder = Path(directory), Structure.of(model), model.bert
     encoder.config.update({STRUCTURE_KEY: {"heads": structure.heads, "intermediate_sizes": structure.ffn}})
     try:
@@ -241,8 +242,17 @@ def save_pruned(model: nn.Module, directory: Path) -> None:
             encoder.save_pretrained(directory)
     finally:
         encoder.config.__dict__.pop(STRUCTURE_KEY, None)
-    head = {k: v for k, v in model.state_dict().items() if not k.startswith("bert.")}
-    torch.save(head, directory / "head.pt")
+    from safetensors.torch import save_file
+
+    head = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("bert.")}
+    save_file(head, directory / HEAD_FILE)
+
+
+def load_head(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The task head ``save_pruned`` wrote (a state dict without ``bert.``): tensors only, no pickle."""
+    from safetensors.torch import load_file
+
+    return load_file(Path(directory) / HEAD_FILE)
 
 
 def is_pruned(model: nn.Module) -> bool:
@@ -290,7 +300,7 @@ def load_pruned(directory: str | Path, config=None, **kwargs) -> nn.Module:
     """Rebuild the encoder written by ``save_pruned``: an HF ``AutoModel`` shrunk to the saved widths.
 
     ``config`` (default: the saved one) and ``kwargs`` go to ``AutoModel.from_config`` (e.g.
-    ``attn_implementation``). The task head is in ``head.pt`` (a state dict without ``bert.``)."""
+    ``attn_implementation``). The task head is ``load_head``'s."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel
 
