@@ -183,6 +183,12 @@ class Compressor(L.Callback):
     multi_process: ClassVar[bool] = True
 
     @classmethod
+    def owned(cls, cfg: Any) -> frozenset[str]:
+        """What a run of ``cfg`` changes: ``owns``, unless a field changes what the method does to
+        the model (movement's block granularity also removes heads and channels physically)."""
+        return cls.owns
+
+    @classmethod
     def effect(cls, name: str, metrics: dict[str, Any]) -> str | None:
         """What must be true after a run of this method, alone or composed, read from the run's
         ``metrics.json`` (its report is ``metrics["compressors"][name]``): None, or what is wrong, in
@@ -270,10 +276,11 @@ class StructuredCompressor(Compressor):
         return None if flops["compressed"] < flops["dense"] else f"FLOPs not reduced: {flops}"
 
 
-def refuse_conflicts(names: list[str], classes: list[type[Compressor]]) -> None:
-    """Two compressors whose owned things conflict (``CONFLICTS``) cannot compose: one line."""
-    for i, (first, a) in enumerate(zip(names, classes, strict=True)):
-        for second, b in zip(names[i + 1:], classes[i + 1:], strict=True):
-            for x, y in sorted((x, y) for x in a.owns for y in b.owns if frozenset({x, y}) in CONFLICTS):
+def refuse_conflicts(names: list[str], owned: list[frozenset[str]]) -> None:
+    """Two compressors whose owned things (``Compressor.owned``) conflict (``CONFLICTS``) cannot
+    compose: one line."""
+    for i, (first, a) in enumerate(zip(names, owned, strict=True)):
+        for second, b in zip(names[i + 1:], owned[i + 1:], strict=True):
+            for x, y in sorted((x, y) for x in a for y in b if frozenset({x, y}) in CONFLICTS):
                 raise EffmlError(f"compressors {first} and {second} cannot compose: {first} {OWNED[x]} and "
                                  f"{second} {OWNED[y]}; use one of them")

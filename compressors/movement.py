@@ -178,6 +178,11 @@ class MovementPruning(Compressor):
     owns = frozenset({"masks"})
 
     @classmethod
+    def owned(cls, cfg: MovementConfig) -> frozenset[str]:
+        # block movement cuts the dead heads and channels out at finalize, as EarlyBERT does
+        return cls.owns | {"structure"} if cfg.granularity == "row_col" else cls.owns
+
+    @classmethod
     def effect(cls, name: str, metrics: dict) -> str | None:
         report = metrics["compressors"][name]
         target = report["target_sparsity"]

@@ -158,14 +158,14 @@ def build(p: Plan) -> Built:
 
 def composed_configs(typed: dict) -> list[Any]:
     """``compressor`` and then every ``compose`` entry, in order: each name at most once, and no two
-    whose owned things conflict (``Compressor.owns``, ``compressors.base.CONFLICTS``)."""
+    whose owned things conflict (``Compressor.owned``, ``compressors.base.CONFLICTS``)."""
     configs = [typed["compressor"], *typed.get("compose", {}).values()]
     configs = [c for c in configs if c.name != "none" or len(configs) == 1]
     names = [c.name for c in configs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise EffmlError(f"compressor {twice[0]} appears twice (in compressor and compose); use it once")
-    refuse_conflicts(names, [COMPRESSORS.get(name).target for name in names])
+    refuse_conflicts(names, [COMPRESSORS.get(c.name).target.owned(c) for c in configs])
     return configs
 
 

@@ -2,7 +2,7 @@
 compressors either composes, and then both methods' effects hold after a smoke run
 (``Compressor.effect``), or it is refused with one line before anything is written.
 
-Pairs whose owned things conflict (``Compressor.owns``, ``CONFLICTS``) are refused by the contract;
+Pairs whose owned things conflict (``Compressor.owned``, ``CONFLICTS``) are refused by the contract;
 pairs with no model both can act on are refused by the method that cannot act on the other's model.
 """
 
@@ -76,6 +76,19 @@ def test_magnitude_beside_bert_lottery_is_refused_in_either_order(effml, tmp_pat
     code, _, err = effml("train", *TINY, *smoke_args("bert", order))
     one_line_error(code, err, f"compressors {order[0]} and {order[1]} cannot compose: ")
     assert "removes heads and neurons physically" in err and "prunes the weights with masks" in err
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_block_movement_owns_the_structure_it_cuts_so_a_quantizer_beside_it_is_refused(effml, tmp_path):
+    """``granularity=row_col`` removes heads and channels at finalize: what a composed quantizer
+    quantized would be cut under it. Per-weight movement only masks, and composes with ptq."""
+    from effml.compressors.movement import MovementConfig
+
+    movement = method("movement")
+    assert movement.owned(MovementConfig(granularity="row_col")) == {"masks", "structure"}
+    assert movement.owned(MovementConfig()) == movement.owns == {"masks"}
+    code, _, err = effml("train", *TINY, *smoke_args("bert", ["movement", "ptq"]), "compressor.granularity=row_col")
+    one_line_error(code, err, "compressors movement and ptq cannot compose: movement removes heads and neurons physically")
     assert not (tmp_path / "outputs").exists()
 
 
