@@ -55,6 +55,9 @@ class TrainerConfig:
     warmup_fraction: float = 0.0
     label_smoothing: float = 0.0
     gradient_clip_val: float | None = None
+    # torch's fused=True: one kernel updates every parameter (CUDA; Adam, AdamW and SGD on the CPU too),
+    # instead of several per parameter tensor. Fewer launches, other last bits: hashed.
+    fused_optimizer: bool = False
     limit_train_batches: float | None = None  # int-valued floats count batches, <1 a fraction
     limit_val_batches: float | None = None
     limit_test_batches: float | None = None
@@ -86,6 +89,7 @@ SdpaBackend = choice("SdpaBackend", "cudnn flash efficient math")
 # measure: time dense vs each alternative on the run's shapes, keep the fastest by `selection_margin`;
 # force: the method's kernel, unmeasured (an error where the device cannot run it); off: stay dense
 Selection = choice("Selection", "measure force off")
+CompileMode = choice("CompileMode", "default reduce-overhead max-autotune max-autotune-no-cudagraphs")  # torch.compile's
 # auto: one process, or DDP for more; ddp: Lightning's DDPStrategy; fsdp: its FSDPStrategy (GPUs only)
 Strategy = choice("Strategy", "auto ddp fsdp")
 
@@ -105,6 +109,9 @@ class HardwareConfig:
     matmul_precision: MatmulPrecision = MatmulPrecision.highest
     sdpa_backends: list[SdpaBackend] = field(default_factory=lambda: [SdpaBackend.flash, SdpaBackend.math])  # preference order
     compile: bool = False
+    # torch.compile's mode under `compile`: reduce-overhead replays CUDA graphs (no per-kernel launch
+    # cost, for launch-bound steps at fixed shapes: data.pad_to); max-autotune also tunes the kernels
+    compile_mode: CompileMode = CompileMode.default
     channel_multiple: int = 1  # structured widths are rounded up to a multiple of this
     fp8_training: bool = False  # torchao float8 Linear layers in training (sm_89+), per `selection` (kernels.fp8_training)
     # Kernel selection (effml.kernels.select). None of it changes training, so none of it is hashed:

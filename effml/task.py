@@ -95,12 +95,13 @@ class Task(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         cfg, lr = self.cfg, self.cfg.lr * self.lr_scale
+        fused = {"fused": True} if cfg.fused_optimizer else {}
         if cfg.optimizer == "sgd":
-            optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
         elif cfg.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, **fused)
         else:
-            optimizer = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, **fused)
         if cfg.lr_schedule == "constant" and cfg.warmup_fraction == 0:
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))

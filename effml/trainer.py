@@ -169,7 +169,7 @@ class ResumedExperimentWriter(ExperimentWriter):
 
 
 def compiled(task: L.LightningModule, h) -> L.LightningModule:
-    return torch.compile(task) if h.compile else task
+    return torch.compile(task, mode=str(h.compile_mode)) if h.compile else task
 
 
 def _limit(value: float | None):

@@ -92,8 +92,34 @@ def test_hash_ignores_paths_loggers_workers_and_seed():
 
 def test_hash_changes_with_results_relevant_values():
     base = identity.config_hash(to_typed(compose_config(["recipe=magnitude_lenet"])))
-    for override in ["compressor.scope=global", "trainer.lr=0.01", "data.batch_size=32", "model.hidden=[100]"]:
+    for override in ["compressor.scope=global", "trainer.lr=0.01", "data.batch_size=32", "model.hidden=[100]",
+                     "trainer.fused_optimizer=true", "hardware.compile_mode=reduce-overhead"]:
         assert identity.config_hash(to_typed(compose_config(["recipe=magnitude_lenet", override]))) != base
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_fused_optimizer_takes_the_plain_ones_step(optimizer):
+    """``trainer.fused_optimizer`` (issue 25: fewer launches per step) is torch's ``fused=True``: the
+    same update up to the last bits, so hashed, not a different optimizer."""
+    from torch import nn
+
+    from effml.task import ClassificationTask
+
+    torch.manual_seed(0)
+    start, x, y = nn.Linear(16, 4), torch.randn(32, 16), torch.randint(0, 4, (32,))
+    weights = []
+    for fused in (False, True):
+        model = nn.Linear(16, 4)
+        model.load_state_dict(start.state_dict())
+        opt = ClassificationTask(model, TrainerConfig(optimizer=optimizer, lr=0.01, weight_decay=0.01,
+                                                      fused_optimizer=fused)).configure_optimizers()
+        assert bool(opt.defaults["fused"]) is fused
+        for _ in range(3):
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        weights.append(model.weight.detach())
+    assert not torch.equal(weights[0], start.weight) and torch.allclose(weights[0], weights[1], atol=1e-6)
 
 
 def test_new_field_with_default_renames_nothing():
@@ -129,6 +155,8 @@ def test_typos_fail_at_composition_with_the_field_named(override, message):
         (["hardware.kernels=[int8_dynamic,int3]"], "hardware.kernels must be one of fp8_rowwise, fp8_dynamic, "
          "int8_dynamic, int8_weight_only, int4_weight_only, sparse_2to4, sparse_2to4_cutlass; got 'int3'"),
         (["compressor.scope=both"], "compressor.scope must be one of layerwise, global; got 'both'"),
+        (["hardware.compile_mode=fast"], "hardware.compile_mode must be one of default, reduce-overhead, "
+         "max-autotune, max-autotune-no-cudagraphs; got 'fast'"),
         (["+compressor@compose.q=ptq", "compose.q.kernel=int2"],
          "compose.q.kernel must be one of int8_dynamic, int8_weight_only, int4_weight_only, fp8_rowwise, "
          "fp8_dynamic, none; got 'int2'"),

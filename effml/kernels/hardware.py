@@ -111,6 +111,7 @@ def kernel_choices(cfg: HardwareConfig) -> dict[str, Any]:
         "matmul_precision": cfg.matmul_precision,
         "sdpa_backends": sdpa_choice(cfg),
         "compile": cfg.compile,
+        "compile_mode": cfg.compile_mode,
         "channel_multiple": cfg.channel_multiple,
         "selection": cfg.selection,
         "allowed_kernels": list(cfg.kernels),
