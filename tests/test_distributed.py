@@ -222,6 +222,12 @@ def _moe_step(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.save({"aux": aux / world, **{k: p.grad for k, p in layer.named_parameters()}},
                    f"{out_dir}/world{world}.pt")
     dist.barrier()  # both ranks leave together: a rank gone before the other's teardown hung it (25 min)
+    # DDP's Reducer holds the process group. Freed on return, after destroy_process_group, it held the
+    # last reference: ~ProcessGroupGloo then joined its worker thread with the GIL held while that thread
+    # waited for the GIL to free the barrier's tensors (hung 38 min, torch 2.13; pytorch/pytorch#56297).
+    # Freed here, the group is still registered; destroy_process_group then drops it from Python, whose
+    # binding releases the GIL in the destructor (pytorch/pytorch#154976).
+    del model, out, loss
     dist.destroy_process_group()
 
 
