@@ -304,7 +304,8 @@ def fit_stage(p: Plan, stage: Stage, stage_dir: StageDir, b: Built) -> dict:
     with hw.kernel_context(t["hardware"]):
         # weights_only=True: Lightning unpickles last.ckpt as tensors and plain data, running no code in it
         try:
-            trainer.fit(compiled(task, t["hardware"]), **data, ckpt_path=resume_from, weights_only=True)
+            with compiled(task, t["hardware"]) as fitted:
+                trainer.fit(fitted, **data, ckpt_path=resume_from, weights_only=True)
         except SystemExit as e:  # Lightning ends a KeyboardInterrupt with sys.exit(1), after its teardown;
             # any other exit (submitit's requeue after a preemption or a timeout signal) goes on out
             if not (trainer.interrupted and isinstance(e.__context__, KeyboardInterrupt)):

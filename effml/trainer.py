@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import sys
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
@@ -168,8 +170,21 @@ class ResumedExperimentWriter(ExperimentWriter):
             writer.writerows(rows)
 
 
-def compiled(task: L.LightningModule, h) -> L.LightningModule:
-    return torch.compile(task, mode=str(h.compile_mode)) if h.compile else task
+@contextlib.contextmanager
+def compiled(task: L.LightningModule, h) -> Iterator[L.LightningModule]:
+    """The task, its model compiled for one fit under ``hardware.compile`` (``hardware.compile_mode``).
+
+    ``nn.Module.compile`` compiles the model's call in place: parameter names, checkpoints and the
+    compressors' hooks stay as they are, and Lightning sees a plain LightningModule. (Compiling the
+    whole task made dynamo trace Lightning's ``self.log`` and fail: torch 2.13, Lightning 2.6.)"""
+    if not h.compile:
+        yield task
+        return
+    task.model.compile(mode=str(h.compile_mode))
+    try:
+        yield task
+    finally:  # the next stage compiles its own model (a surgery may have changed it)
+        task.model._compiled_call_impl = None
 
 
 def _limit(value: float | None):

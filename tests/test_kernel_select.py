@@ -189,6 +189,24 @@ def test_fp8_training_on_a_cpu_stays_dense_and_says_why_or_refuses_under_force(e
     assert not (tmp_path / "forced").exists()  # refused before anything was written
 
 
+@pytest.mark.e2e
+def test_a_compiled_run_trains_through_dynamo_and_saves_plain_parameter_names(effml, tmp_path):
+    """``hardware.compile`` once crashed every training run (dynamo traced Lightning's ``self.log``:
+    the whole LightningModule was compiled); the model alone is, for each fit, and its checkpoints
+    keep their names. ``compile_mode`` and the fused optimizer ride along (issue 25)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    code, _, err = effml("train", "recipe=magnitude_lenet", *TINY, "trainer.max_epochs=1", "hardware.compile=true",
+                         "hardware.compile_mode=reduce-overhead", "trainer.fused_optimizer=true")
+    assert code == 0, err
+    assert counters["stats"]["unique_graphs"] > 0  # the fits ran compiled
+    m = metrics_of(tmp_path / "outputs")
+    assert m["kernels"]["compile"] is True and m["kernels"]["compile_mode"] == "reduce-overhead"
+    model = torch.load(next((tmp_path / "outputs").rglob("model.pt")), weights_only=True)
+    assert model and not any("_orig_mod" in key for key in model)
+
+
 def test_fp8_rowwise_linear_computes_the_layer_within_e4m3_precision():
     """e4m3 keeps 3 mantissa bits: each operand is off by at most 1/16 relative, so the output's
     error stays a few percent of its norm; the weight is stored in one byte per value."""
