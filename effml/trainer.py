@@ -7,8 +7,8 @@ import contextlib
 import csv
 import os
 import sys
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
