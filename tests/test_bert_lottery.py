@@ -333,7 +333,7 @@ def test_good_subnetwork_end_to_end_resume_after_each_finished_stage_and_the_ran
     assert random["kept_heads"] != report["kept_heads"] and min(random["heads_per_layer"]) >= 1
 
 
-@pytest.mark.e2e
+@pytest.mark.slow  # about 45 s; test_m_pruning_end_to_end covers the same pipeline in make test
 def test_bad_subnetwork_end_to_end(effml, tmp_path):
     code, _, err = effml(*TOY, "compressor.subnetwork=bad")
     assert code == 0, err

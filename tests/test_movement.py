@@ -297,10 +297,13 @@ RESUME_BLOCK = ["train", *SETUPS["bert"], "compressor=movement", "compressor.gra
                 "trainer.limit_test_batches=2", "trainer.progress_bar=off", "measure.enabled=false"]
 
 
+# the per-weight case in make test; block and calibrated soft (their own schedule state) in make test-slow
 @pytest.mark.e2e
-@pytest.mark.parametrize("run, sparsity", [(RESUME_MOVEMENT, 0.9), (RESUME_BLOCK, None),
-                                           (RESUME_MOVEMENT + ["compressor.method=soft", "compressor.calibrate=true"], 0.9)],
-                         ids=["weight", "row_col", "soft_calibrated"])
+@pytest.mark.parametrize("run, sparsity", [
+    pytest.param(RESUME_MOVEMENT, 0.9, id="weight"),
+    pytest.param(RESUME_BLOCK, None, id="row_col", marks=pytest.mark.slow),
+    pytest.param(RESUME_MOVEMENT + ["compressor.method=soft", "compressor.calibrate=true"], 0.9, id="soft_calibrated",
+                 marks=pytest.mark.slow)])
 def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path, run, sparsity):
     """The masks change every step and the scores have their own optimizer group: a SIGKILL mid-stage
     and the same command again end with the same scores' effect, masks and weights, bit for bit
