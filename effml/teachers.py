@@ -146,10 +146,11 @@ def recipe_as_written(runs: list[RunDir], data: Any) -> list[RunDir]:
     ``bert_finetune compressor=magnitude`` of another series, nor one fine-tuned on other data."""
     from effml.identity import non_default_values
 
-    want = json.dumps(non_default_values(data), sort_keys=True)
-    same_data = [r for r in runs if json.dumps(_record(r).get("identity", {}).get("data"), sort_keys=True) == want]
-    as_written = [r for r in same_data if not any(_sets_compressor(word) for word in _record(r).get("command", "").split())]
-    return as_written or same_data or runs
+    want = json.loads(json.dumps(non_default_values(data)))  # as run.json holds it (tuples become lists)
+    records = [(run, _record(run)) for run in runs]  # each read once
+    same_data = [(run, rec) for run, rec in records if rec.get("identity", {}).get("data") == want]
+    as_written = [run for run, rec in same_data if not any(map(_sets_compressor, rec.get("command", "").split()))]
+    return as_written or [run for run, _ in same_data] or runs
 
 
 def _record(run: RunDir) -> dict:
